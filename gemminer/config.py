@@ -1,0 +1,218 @@
+"""Typed run configuration: dataclasses are the one source of truth for YAML, CLI and run folders.
+
+Layering, lowest first: dataclass defaults (the paper's settings) < the data set's
+preset (unless ``preset: paper``) < a YAML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from gemminer.errors import GemminerError
+
+
+@dataclass
+class DataConfig:
+    name: str = field(default="mnist1d", metadata={"help": "data set name"})
+    data_dir: str | None = field(default=None, metadata={"help": "data / cache folder (default ~/.cache/gemminer)"})
+    num_samples: int = field(default=5000, metadata={"help": "MNIST-1D samples, train+test (5000 = canonical)"})
+    batch_size: int = field(default=128, metadata={"help": "training batch size"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = field(default=None, metadata={"help": "model name (default: the data set's default model)"})
+    width: int | None = field(default=None, metadata={"help": "width multiplier of the bundled model"})
+    affine_bn: bool = field(default=False, metadata={"help": "BatchNorm with affine parameters (paper: off)"})
+    bias: bool = field(default=False, metadata={"help": "layers with biases (paper: off)"})
+    weight_init: str = field(default="signed_constant",
+                             metadata={"help": "signed_constant | kaiming_normal | keep (the model's own)"})
+    prune_first: bool = field(default=True, metadata={"help": "prune the first layer"})
+    prune_last: bool = field(default=True, metadata={"help": "prune the last layer"})
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (default: the search epochs)"})
+    lr: float = field(default=0.01, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    lr_schedule: str = field(default="multistep", metadata={"help": "multistep (x0.1 at milestones) | cosine"})
+    milestones: list[int] | None = field(default=None,
+                                         metadata={"help": "multistep epochs (default: the paper's rule)"})
+
+
+@dataclass
+class RunConfig:
+    method: str = field(default="gemminer", metadata={"help": "pruning method"})
+    density: float = field(default=0.0144, metadata={"help": "target fraction of prunable weights that remain"})
+    seed: int = field(default=0, metadata={"help": "seed of every random stream"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    preset: str = field(default="auto", metadata={"help": "auto (the data set's tuned defaults) | paper"})
+    bn_recalibration_batches: int = field(
+        default=20, metadata={"help": "training batches to recompute BatchNorm statistics before an at-init "
+                                      "accuracy (0: off)"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    search: Any = None  # the method's own config dataclass, filled in by `resolve`
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# Tuned defaults per data set (the paper's stay available with preset "paper").
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "mnist1d": {
+        "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": 1e-4, "lr": 0.1},
+        "finetune": {"lr_schedule": "cosine"},
+    },
+}
+
+SECTIONS = ("data", "model", "search", "finetune")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (YAML-ready) of a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise a clear error."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, options[0], key)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [part for part in value.replace(",", " ").split() if part]
+        if not isinstance(value, (list, tuple)):
+            raise GemminerError(f"{key} must be a list, got {value!r}")
+        return [coerce(item, item_type, key) for item in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise GemminerError(f"{key} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise GemminerError(f"{key} must be a{'n int' if annotation is int else ' number'}, got {value!r}")
+        if annotation is int and isinstance(value, float) and value != number:
+            raise GemminerError(f"{key} must be an integer, got {value!r}")
+        return number
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _apply(config: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Set dataclass fields from a nested dict; unknown keys name the closest valid key."""
+    valid = {f.name: f for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid: {', '.join(valid)}"
+            raise GemminerError(f"unknown config key {path!r}{hint}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise GemminerError(f"config key {path!r} must be a section (a mapping)")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(config, key, coerce(value, _field_type(type(config), key), path))
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge, `extra` winning."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+    except OSError as err:
+        raise GemminerError(f"cannot read config file {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise GemminerError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(loaded, dict):
+        raise GemminerError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def resolve(overrides: dict[str, Any]) -> RunConfig:
+    """Build the run config from defaults, the data set's preset and `overrides` (nested dict)."""
+    from gemminer.methods import method_class  # the method decides the search section's type
+
+    config = RunConfig()
+    top = {key: value for key, value in overrides.items() if key not in SECTIONS}
+    _apply(config, top)
+    _apply(config.data, overrides.get("data") or {}, "data.")
+    if config.preset not in ("auto", "paper"):
+        raise GemminerError(f"unknown preset {config.preset!r}; allowed: auto, paper")
+    method = method_class(config.method)
+    config.search = method.Config()
+    layers = [overrides]
+    if config.preset == "auto":
+        preset = PRESETS.get(config.data.name, {})
+        layers.insert(0, {"search": preset.get(f"search:{config.method}", {}),
+                          **{k: v for k, v in preset.items() if ":" not in k}})
+    for layer in layers:
+        for section in ("model", "search", "finetune"):
+            if layer.get(section):
+                _apply(getattr(config, section), layer[section], f"{section}.")
+    if config.finetune.epochs is None:
+        config.finetune.epochs = _default_finetune_epochs(config)
+    validate(config)
+    return config
+
+
+def _default_finetune_epochs(config: RunConfig) -> int:
+    """The search's epochs (the paper fine-tunes for as long as it searched); for methods
+    that train nothing, Gem-Miner's epochs under the same preset, so comparisons are fair."""
+    epochs = getattr(config.search, "epochs", None)
+    if epochs:
+        return epochs
+    reference = resolve({"data": {"name": config.data.name}, "preset": config.preset, "method": "gemminer"})
+    return reference.search.epochs
+
+
+def validate(config: RunConfig) -> None:
+    """Reject values no run can use, with the allowed values in the message."""
+    if not 0 < config.density <= 1:
+        raise GemminerError(f"density must be in (0, 1], got {config.density}")
+    if config.bn_recalibration_batches < 0:
+        raise GemminerError("bn_recalibration_batches must be >= 0")
+    if config.finetune.lr_schedule not in ("multistep", "cosine"):
+        raise GemminerError(f"unknown finetune.lr_schedule {config.finetune.lr_schedule!r}; "
+                            "allowed: multistep, cosine")
+    if config.finetune.epochs is not None and config.finetune.epochs < 0:
+        raise GemminerError("finetune.epochs must be >= 0")
+    if config.data.batch_size < 1 or config.data.eval_batch_size < 1:
+        raise GemminerError("batch sizes must be >= 1")
+    validate_search = getattr(config.search, "validate", None)
+    if validate_search:
+        validate_search()
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

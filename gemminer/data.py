@@ -1,0 +1,128 @@
+"""Data sets as tensors, and batches sliced from them (no per-sample Python work)."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gemminer.errors import GemminerError
+
+
+@dataclass
+class TensorData:
+    """Inputs and integer labels, already on their device."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> TensorData:
+        return TensorData(self.x.to(device), self.y.to(device))
+
+
+class Batches:
+    """Re-iterable mini-batches of a TensorData.
+
+    With `shuffle`, each pass draws a fresh permutation from `generator`, so the
+    order is a function of the seed alone. The last short batch is kept.
+    """
+
+    def __init__(self, data: TensorData, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        if batch_size < 1:
+            raise GemminerError(f"batch size must be >= 1, got {batch_size}")
+        if shuffle and generator is None:
+            raise GemminerError("shuffled batches need an explicit generator")
+        self.data, self.batch_size, self.shuffle, self.generator = data, batch_size, shuffle, generator
+
+    def __len__(self) -> int:
+        return (len(self.data) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.data)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.data.y.device)
+            for start in range(0, n, self.batch_size):
+                index = order[start:start + self.batch_size]
+                yield self.data.x[index], self.data.y[index]
+        else:
+            for start in range(0, n, self.batch_size):
+                yield self.data.x[start:start + self.batch_size], self.data.y[start:start + self.batch_size]
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: TensorData
+    test: TensorData
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+def default_cache_dir() -> Path:
+    """``$GEMMINER_CACHE`` or ``~/.cache/gemminer``."""
+    return Path(os.environ.get("GEMMINER_CACHE", Path.home() / ".cache" / "gemminer"))
+
+
+def load_mnist1d(data_dir: Path | None = None, num_samples: int = 5000) -> Dataset:
+    """MNIST-1D made locally by `mnist1d.data.make_dataset` (never downloaded).
+
+    num_samples 5000 gives the canonical 4000/1000 split. The arrays are cached as
+    float32 `.npz`, and a fresh build is cast to float32 the same way, so a run is
+    bit-identical with or without the cache.
+    """
+    if num_samples < 10:
+        raise GemminerError(f"mnist1d needs at least 10 samples, got {num_samples}")
+    cache = (data_dir or default_cache_dir()) / f"mnist1d-{num_samples}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as arrays:
+                x, y, x_test, y_test = (arrays[key] for key in ("x", "y", "x_test", "y_test"))
+        except (OSError, ValueError, KeyError) as err:
+            raise GemminerError(f"cannot read data cache {cache}: {err}; delete it to rebuild") from err
+    else:
+        x, y, x_test, y_test = _make_mnist1d(num_samples)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, x=x, y=y, x_test=x_test, y_test=y_test)
+        os.replace(tmp, cache)
+    to_tensors = lambda xs, ys: TensorData(torch.from_numpy(xs).unsqueeze(1), torch.from_numpy(ys))  # noqa: E731
+    return Dataset("mnist1d", to_tensors(x, y), to_tensors(x_test, y_test), num_classes=10)
+
+
+def _make_mnist1d(num_samples: int) -> tuple[np.ndarray, ...]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    # make_dataset reseeds Python's and NumPy's global generators: keep the caller's state.
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        raw = make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return (raw["x"].astype(np.float32), raw["y"].astype(np.int64),
+            raw["x_test"].astype(np.float32), raw["y_test"].astype(np.int64))
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {"mnist1d": load_mnist1d}
+
+
+def load_dataset(name: str, data_dir: str | None = None, num_samples: int = 5000) -> Dataset:
+    """Load a registered data set by name."""
+    if name not in DATASETS:
+        raise GemminerError(f"unknown data set {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](Path(data_dir) if data_dir else None, num_samples=num_samples)

@@ -1,0 +1,188 @@
+"""The pipelines behind the CLI: mine (search, evaluate, fine-tune), eval, finetune, compare."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gemminer import __version__
+from gemminer.config import RunConfig, resolve, to_dict
+from gemminer.data import Batches, Dataset, load_dataset
+from gemminer.errors import GemminerError
+from gemminer.finetune import finetune
+from gemminer.init import initialize_weights
+from gemminer.masking import prunable_names, remove_masks
+from gemminer.methods import method_class
+from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
+from gemminer.runs import RunFolder
+from gemminer.seeding import make_generator
+from gemminer.ticket import Ticket, read_safetensors, save_state
+from gemminer.train import masked_accuracy, resolve_device
+
+
+@dataclass
+class Setup:
+    """Everything a run needs that follows from its config: data, batches, initial model."""
+
+    config: RunConfig
+    device: torch.device
+    dataset: Dataset
+    model: nn.Module  # the initial weights, on `device`
+
+    def batches(self, stream: str) -> Batches:
+        """Shuffled training batches with their own seeded order."""
+        generator = make_generator(self.config.seed, stream)
+        return Batches(self.dataset.train, self.config.data.batch_size, shuffle=True, generator=generator)
+
+    @property
+    def test(self) -> Batches:
+        return Batches(self.dataset.test, self.config.data.eval_batch_size)
+
+    @property
+    def prunable(self) -> list[str]:
+        return prunable_names(self.model, self.config.model.prune_first, self.config.model.prune_last)
+
+    def at_init_accuracy(self, ticket: Ticket) -> float:
+        """Accuracy of the untrained weights under `ticket`, BatchNorm recalibrated."""
+        return masked_accuracy(self.model, ticket.masks, self.test, self.batches("bn-recalibration"),
+                               self.config.bn_recalibration_batches)
+
+
+def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) -> Setup:
+    """Load data and build the initial model (drawn from the seed, or `init_state`)."""
+    device = resolve_device(config.device)
+    dataset = load_dataset(config.data.name, config.data.data_dir, config.data.num_samples)
+    if config.model.name is None:
+        config.model.name = DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
+    torch.manual_seed(make_generator(config.seed, "model").initial_seed())  # layers draw from the global RNG
+    model = build_model(config.model.name, dataset.input_shape, dataset.num_classes,
+                        affine_bn=config.model.affine_bn, bias=config.model.bias, width=config.model.width)
+    names = prunable_names(model, config.model.prune_first, config.model.prune_last)
+    if init_state is None:
+        initialize_weights(model, names, config.model.weight_init, make_generator(config.seed, "weights"))
+    else:
+        try:
+            model.load_state_dict(init_state, strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            raise GemminerError(f"initial weights do not fit model {config.model.name}: "
+                                f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from err
+    dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)
+    return Setup(config, device, dataset, model.to(device))
+
+
+def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Search, evaluate at init, fine-tune; write the run folder. Returns the summary."""
+    folder = RunFolder(out)
+    run = setup(config)
+    folder.start(config, force=force)  # after setup: bad input leaves no folder behind
+    save_state(run.model.state_dict(), folder.file("init.safetensors"))
+
+    method = method_class(config.method)(
+        config.density, config.search, seed=config.seed, device=run.device,
+        prune_first=config.model.prune_first, prune_last=config.model.prune_last, progress=progress)
+    result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log)
+    metadata = {"model": config.model.name, "data": config.data.name, "run_config": json.dumps(to_dict(config))}
+    for ticket in (result.ticket, result.gem):
+        ticket.metadata.update(metadata)
+    result.ticket.save(folder.file("ticket.safetensors"))
+    result.gem.save(folder.file("gem.safetensors"))
+
+    acc_before = run.at_init_accuracy(result.gem)
+    acc_ticket = acc_before if result.gem is result.ticket else run.at_init_accuracy(result.ticket)
+    history, finetune_seconds = train_ticket(run, result.ticket, folder, progress)
+    collapsed = [layer.name for layer in result.ticket.layers() if layer.remaining == 0]
+    summary = {
+        "method": config.method, "data": config.data.name, "model": config.model.name, "seed": config.seed,
+        "density_target": result.ticket.metadata["density_target"], "density_actual": result.ticket.density,
+        "density_gem": result.gem.density,
+        "acc_before_finetune": acc_before, "acc_ticket_at_init": acc_ticket,
+        "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
+        "acc_best_finetune": max((row["test_acc"] for row in history), default=acc_ticket),
+        "epochs_to_ticket": result.epochs, "finetune_epochs": len(history),
+        "search_seconds": result.seconds, "finetune_seconds": finetune_seconds,
+        "layer_collapse": collapsed, "device": str(run.device), "torch": torch.__version__,
+        "gemminer": __version__,
+    }
+    folder.finish(summary)
+    return summary
+
+
+def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool) -> tuple[list[dict], float]:
+    """Fine-tune `ticket` on the run's initial weights; save the trained sparse weights."""
+    model = copy.deepcopy(run.model)
+    ticket.apply(model)
+    start = time.perf_counter()
+    history = finetune(model, run.batches("finetune-order"), run.test, epochs=run.config.finetune.epochs,
+                       config=run.config.finetune, log=folder.log, progress=progress)
+    seconds = time.perf_counter() - start
+    save_state(remove_masks(model).state_dict(), folder.file("finetuned.safetensors"))
+    return history, seconds
+
+
+def config_of_ticket(ticket: Ticket, overrides: dict[str, Any]) -> RunConfig:
+    """The run config a ticket was found under (from its metadata), with `overrides`."""
+    from gemminer.config import merge
+
+    saved = ticket.metadata.get("run_config")
+    base = json.loads(saved) if isinstance(saved, str) else (saved or {})
+    if not base:
+        base = {"data": {"name": ticket.metadata.get("data", "mnist1d")},
+                "model": {"name": ticket.metadata.get("model")}}
+    base.pop("search", None)  # another method's section need not parse under this command
+    return resolve(merge(base, overrides))
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, Ticket, Ticket, dict[str, torch.Tensor]]:
+    """Config, ticket, gem and initial weights of a run folder."""
+    folder = RunFolder(run_dir)
+    if not folder.file("config.yaml").is_file():
+        raise GemminerError(f"{run_dir} is not a run folder (no config.yaml)")
+    from gemminer.config import load_yaml
+
+    config = resolve(load_yaml(str(folder.file("config.yaml"))))
+    ticket = Ticket.load(folder.file("ticket.safetensors"))
+    gem = Ticket.load(folder.file("gem.safetensors")) if folder.file("gem.safetensors").is_file() else ticket
+    init, _ = read_safetensors(folder.file("init.safetensors"), what="initial weights")
+    return config, ticket, gem, init
+
+
+def evaluate_at_init(config: RunConfig, ticket: Ticket, gem: Ticket | None, init: dict[str, torch.Tensor],
+                     strict: bool = False) -> dict[str, float]:
+    """Recompute acc_ticket_at_init (and acc_before_finetune for a gem) as `mine` did."""
+    run = setup(config, init_state=init)
+    ticket.check(run.model, strict_init=strict)
+    result = {"density_actual": ticket.density, "acc_ticket_at_init": run.at_init_accuracy(ticket)}
+    if gem is not None:
+        gem.check(run.model, strict_init=strict)
+        result.update(density_gem=gem.density, acc_before_finetune=run.at_init_accuracy(gem))
+    return result
+
+
+def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tensor] | None, out: str | Path,
+                   force: bool = False, strict: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune a saved ticket into a new run folder. Without `init`, the weights are
+    drawn from the config's seed and init scheme (a warning says if they differ)."""
+    folder = RunFolder(out)
+    run = setup(config, init_state=init)
+    ticket.check(run.model, strict_init=strict)
+    folder.start(config, force=force)
+    save_state(run.model.state_dict(), folder.file("init.safetensors"))
+    ticket.save(folder.file("ticket.safetensors"))
+    acc_ticket = run.at_init_accuracy(ticket)
+    history, seconds = train_ticket(run, ticket, folder, progress)
+    summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,
+               "model": config.model.name, "seed": config.seed,
+               "density_target": ticket.metadata.get("density_target"), "density_actual": ticket.density,
+               "acc_ticket_at_init": acc_ticket,
+               "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
+               "finetune_epochs": len(history), "finetune_seconds": seconds, "device": str(run.device)}
+    folder.finish(summary)
+    return summary

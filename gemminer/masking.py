@@ -1,0 +1,127 @@
+"""Masks on any nn.Module, through torch.nn.utils.parametrize.
+
+A prunable weight is the `weight` of every nn.Linear / nn.Conv{1,2,3}d, walked by
+`named_modules()` (registration order, which is fixed for a given model class).
+Masks are attached as parametrizations, so the user's own layers keep working and
+`remove_masks` leaves a plain model whose pruned weights are exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from gemminer.errors import GemminerError
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_names(model: nn.Module, prune_first: bool = True, prune_last: bool = True) -> list[str]:
+    """Names (``"layer.weight"``) of the prunable weights, in `named_modules()` order."""
+    names = [
+        f"{module_name}.weight" if module_name else "weight"
+        for module_name, module in model.named_modules()
+        if isinstance(module, PRUNABLE_TYPES)
+    ]
+    if names and not prune_last:
+        names = names[:-1]
+    if names and not prune_first:
+        names = names[1:]
+    if not names:
+        raise GemminerError("the model has no prunable layer (nn.Linear or nn.Conv1d/2d/3d)")
+    return names
+
+
+def owner(model: nn.Module, weight_name: str) -> nn.Module:
+    """The module that holds `weight_name` (``"a.b.weight"`` -> module ``a.b``)."""
+    module_name = weight_name.rsplit(".", 1)[0] if "." in weight_name else ""
+    try:
+        return model.get_submodule(module_name)
+    except AttributeError as err:
+        raise GemminerError(f"the model has no layer named {module_name!r}") from err
+
+
+def original_weight(module: nn.Module) -> Tensor:
+    """The unmasked weight tensor of a module, parametrized or not."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """The unmasked prunable weights by name."""
+    return {name: original_weight(owner(model, name)) for name in names}
+
+
+class _HardThresholdSTE(torch.autograd.Function):
+    """1[s > 0.5] forward; the gradient passes through unchanged (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor) -> Tensor:  # noqa: ANN001
+        return (scores > 0.5).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        return grad
+
+
+def round_scores(scores: Tensor) -> Tensor:
+    """r(s) = 1[s > 0.5] with a straight-through gradient to `s`."""
+    return _HardThresholdSTE.apply(scores)
+
+
+class FixedMask(nn.Module):
+    """Parametrization ``w -> w * mask`` with a fixed 0/1 mask (fine-tuning, evaluation)."""
+
+    def __init__(self, mask: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(dtype))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+
+class ScoreMask(nn.Module):
+    """Gem-Miner's parametrization ``w -> w * r(s) * alive``.
+
+    `scores` is the only trainable tensor; `alive` holds the 0/1 flags that freezing
+    events set to 0 for good.
+    """
+
+    def __init__(self, scores: Tensor) -> None:
+        super().__init__()
+        self.scores = nn.Parameter(scores)
+        self.register_buffer("alive", torch.ones_like(scores))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * (round_scores(self.scores) * self.alive)
+
+
+def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.Module]) -> dict[str, nn.Module]:
+    """Register ``make(name, weight)`` as the parametrization of each named weight."""
+    attached = {}
+    for name in names:
+        module = owner(model, name)
+        if parametrize.is_parametrized(module, "weight"):
+            raise GemminerError(f"{name} already carries a mask; remove it first")
+        parametrization = make(name, module.weight.detach())
+        parametrize.register_parametrization(module, "weight", parametrization)
+        attached[name] = parametrization
+    return attached
+
+
+def attach_fixed_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Mask `model` in place with fixed 0/1 masks (one per weight name)."""
+    attach(model, list(masks), lambda name, weight: FixedMask(masks[name].to(weight.device), weight.dtype))
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Remove every parametrization, leaving plain weights with pruned entries exactly 0."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model

@@ -1,0 +1,160 @@
+"""Gem-Miner (Sreenivasan et al., NeurIPS 2022): rare gems at initialization.
+
+Weights stay fixed; each prunable weight has a score s in [0, 1]. The forward pass
+uses ``w * 1[s > 0.5] * alive`` with a straight-through gradient to s; the loss is
+cross-entropy + lambda * sum(s^2); every `freeze_period` epochs the globally
+lowest-scored alive weights are frozen out so that the last event leaves exactly
+round(N * density) alive. With `unflag` the ticket is `alive`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gemminer.errors import GemminerError
+from gemminer.masking import ScoreMask, attach
+from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
+from gemminer.seeding import make_generator
+from gemminer.train import Batch, evaluate, train_epoch
+
+
+@dataclass
+class GemMinerConfig:
+    """Search settings; defaults are the paper's (ResNet-20 / CIFAR-10)."""
+
+    epochs: int = field(default=150, metadata={"help": "search epochs E"})
+    freeze_period: int = field(default=5, metadata={"help": "T: epochs between freezing events (0: no freezing)"})
+    reg_lambda: float = field(default=1e-4, metadata={"help": "lambda of the lambda * sum(s^2) score penalty"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adam"})
+    lr: float = field(default=0.1, metadata={"help": "score learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "cosine | constant"})
+    score_init: str = field(default="uniform", metadata={"help": "uniform (U(0,1), paper) | ones"})
+    unflag: bool = field(default=True, metadata={"help": "ticket = alive flags (paper); off: 1[s>0.5] * alive"})
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise GemminerError(f"search epochs must be >= 1, got {self.epochs}")
+        if self.freeze_period < 0:
+            raise GemminerError(f"freeze_period must be >= 0, got {self.freeze_period}")
+        if self.freeze_period > 0 and self.epochs < self.freeze_period + 1:
+            raise GemminerError(f"freezing every {self.freeze_period} epochs needs at least "
+                                f"{self.freeze_period + 1} search epochs, got {self.epochs}")
+        for key, value, allowed in (("optimizer", self.optimizer, ("sgd", "adam")),
+                                    ("lr_schedule", self.lr_schedule, ("cosine", "constant")),
+                                    ("score_init", self.score_init, ("uniform", "ones"))):
+            if value not in allowed:
+                raise GemminerError(f"unknown search.{key} {value!r}; allowed: {', '.join(allowed)}")
+        if self.reg_lambda < 0 or self.lr <= 0:
+            raise GemminerError("search.reg_lambda must be >= 0 and search.lr > 0")
+
+
+def freeze_schedule(total: int, density: float, epochs: int, period: int) -> dict[int, int]:
+    """{epoch (0-based): weights left alive after it}: event k of n = (E-1)//T, after
+    epoch k*T, keeps round(total * density^(k/n)); the last keeps round(total * density)."""
+    if period <= 0:
+        return {}
+    events = (epochs - 1) // period
+    return {k * period: round(total * density ** (k / events)) for k in range(1, events + 1)}
+
+
+@torch.no_grad()
+def freeze_lowest(masks: list[ScoreMask], keep: int) -> None:
+    """Freeze out all but `keep` alive weights, over all layers together: the lowest
+    scores go first, ties broken by the global index (layer order, then position)."""
+    scores = torch.cat([m.scores.detach().flatten() for m in masks])
+    alive = torch.cat([m.alive.flatten() for m in masks]).bool()
+    if keep > int(alive.sum()):
+        raise GemminerError("freezing cannot bring weights back")  # schedules only shrink
+    key = scores.masked_fill(~alive, float("-inf"))  # already frozen weights sort first
+    order = torch.sort(key, stable=True).indices
+    new_alive = torch.ones_like(alive)
+    new_alive[order[:len(order) - keep]] = False
+    offset = 0
+    for mask in masks:
+        count = mask.alive.numel()
+        mask.alive.copy_(new_alive[offset:offset + count].view_as(mask.alive))
+        offset += count
+
+
+class GemMiner(PruningMethod):
+    name = "gemminer"
+    Config = GemMinerConfig
+
+    def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
+               log: MetricsLog | None = None) -> SearchResult:
+        config = self.config
+        start = time.perf_counter()
+        net = copy.deepcopy(model).to(self.device)
+        for parameter in net.parameters():
+            parameter.requires_grad_(False)  # weights, biases and BN affine stay at their initial values
+        names = self.prunable(net)
+        generator = make_generator(self.seed, "scores")
+
+        def make_scores(name: str, weight: torch.Tensor) -> ScoreMask:
+            if config.score_init == "uniform":
+                scores = torch.rand(weight.shape, generator=generator, dtype=weight.dtype)
+            else:
+                scores = torch.ones(weight.shape, dtype=weight.dtype)
+            return ScoreMask(scores.to(weight.device))
+
+        score_masks = list(attach(net, names, make_scores).values())
+        scores = [mask.scores for mask in score_masks]
+        # lambda * sum(s^2) enters as weight decay 2 * lambda: the same gradient for SGD and Adam
+        # (both add decay * s to the gradient), without an extra pass over every score per step.
+        if config.optimizer == "sgd":
+            optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum,
+                                        weight_decay=2 * config.reg_lambda)
+        else:
+            optimizer = torch.optim.Adam(scores, lr=config.lr, weight_decay=2 * config.reg_lambda)
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+                     if config.lr_schedule == "cosine" else None)
+        total = sum(s.numel() for s in scores)
+        schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
+
+        @torch.no_grad()
+        def clamp_scores() -> None:
+            for s in scores:
+                s.clamp_(0.0, 1.0)
+
+        history = []
+        for epoch in range(config.epochs):
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_epoch(net, train, optimizer, after_step=clamp_scores, progress=self.progress,
+                                description=f"search {epoch + 1}/{config.epochs}")
+            if scheduler is not None:
+                scheduler.step()
+            if epoch in schedule:
+                freeze_lowest(score_masks, schedule[epoch])
+            with torch.no_grad():
+                alive = sum(int(m.alive.sum()) for m in score_masks)
+                gem = sum(int(((m.scores > 0.5) & m.alive.bool()).sum()) for m in score_masks)
+                reg = config.reg_lambda * sum(float((s * s).sum()) for s in scores)
+            row = {"phase": "search", "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss,
+                   "reg_loss": reg, "train_acc": stats.accuracy, "density": alive / total,
+                   "density_gem": gem / total, "freeze_event": int(epoch in schedule)}
+            if test is not None:
+                # the search's own BatchNorm statistics, as the official code; the reported
+                # at-init accuracies recompute them
+                row["test_acc"] = evaluate(net, test).accuracy
+            row["seconds"] = time.perf_counter() - start
+            history.append(row)
+            if log is not None:
+                log(row)
+
+        alive_masks = {name: m.alive.bool() for name, m in zip(names, score_masks)}
+        gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in zip(names, score_masks)}
+        seconds = time.perf_counter() - start
+        extra = {"search_epochs": config.epochs, "freeze_period": config.freeze_period,
+                 "reg_lambda": config.reg_lambda}
+        gem = self.make_ticket(model, gem_masks, mask="gem", **extra)
+        # Without freezing every weight stays alive: the found mask is 1[s > 0.5] (Gem-Miner(0)).
+        use_alive = config.unflag and config.freeze_period > 0
+        ticket = self.make_ticket(model, alive_masks if use_alive else gem_masks, mask="ticket", **extra)
+        return SearchResult(ticket=ticket, gem=gem, epochs=config.epochs, seconds=seconds, history=history)

@@ -1,0 +1,170 @@
+"""Tickets: one 0/1 mask per prunable weight, saved as safetensors with metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from gemminer.errors import GemminerError
+from gemminer.init import init_hash
+from gemminer.masking import attach_fixed_masks, original_weight, owner
+
+FORMAT_VERSION = "1"
+
+
+class InitHashMismatch(UserWarning):
+    """The ticket was found on other initial weights than the ones it is applied to."""
+
+
+@dataclass
+class LayerDensity:
+    name: str
+    shape: tuple[int, ...]
+    parameters: int
+    remaining: int
+
+    @property
+    def density(self) -> float:
+        return self.remaining / self.parameters
+
+
+@dataclass
+class Ticket:
+    """A binary mask per prunable weight name, plus where it came from.
+
+    `metadata` holds strings and numbers (method, density_target, seed, model,
+    init_hash, ...); it is written into the safetensors header.
+    """
+
+    masks: dict[str, Tensor]
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.masks:
+            raise GemminerError("a ticket needs at least one mask")
+        checked = {}
+        for name, mask in self.masks.items():
+            if mask.dtype != torch.bool:
+                if not bool(((mask == 0) | (mask == 1)).all()):
+                    raise GemminerError(f"mask {name} is not binary")
+                mask = mask != 0
+            checked[name] = mask.detach().to("cpu")
+        self.masks = checked
+
+    # ---- numbers -------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return sum(mask.numel() for mask in self.masks.values())
+
+    @property
+    def remaining(self) -> int:
+        return sum(int(mask.sum()) for mask in self.masks.values())
+
+    @property
+    def density(self) -> float:
+        """Fraction of prunable weights that remain (sparsity = 1 - density)."""
+        return self.remaining / self.total
+
+    def layers(self) -> list[LayerDensity]:
+        return [
+            LayerDensity(name, tuple(mask.shape), mask.numel(), int(mask.sum())) for name, mask in self.masks.items()
+        ]
+
+    def layer_report(self) -> str:
+        """A per-layer table: name, shape, parameters, remaining, density."""
+        rows = [("layer", "shape", "params", "remaining", "density")]
+        for layer in self.layers():
+            shape = "x".join(map(str, layer.shape))
+            rows.append((layer.name, shape, str(layer.parameters), str(layer.remaining), f"{layer.density:.4f}"))
+        rows.append(("total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                 for row in rows]
+        if any(layer.remaining == 0 for layer in self.layers()):
+            lines.append("warning: layer collapse: at least one layer has no weight left")
+        return "\n".join(lines)
+
+    # ---- model ---------------------------------------------------------------------
+    def check(self, model: nn.Module, strict_init: bool = False) -> None:
+        """Raise if names or shapes do not match `model`; warn (or raise) on another init."""
+        for name, mask in self.masks.items():
+            try:
+                weight = original_weight(owner(model, name))
+            except (GemminerError, AttributeError) as err:
+                raise GemminerError(f"ticket does not fit the model: it has no weight {name!r}") from err
+            if tuple(weight.shape) != tuple(mask.shape):
+                raise GemminerError(
+                    f"ticket does not fit the model: {name} has shape {tuple(weight.shape)}, "
+                    f"the ticket's mask {tuple(mask.shape)}"
+                )
+        expected = self.metadata.get("init_hash")
+        if expected and expected != init_hash(model):
+            message = "the model's weights are not the initial weights this ticket was found on"
+            if strict_init:
+                raise GemminerError(message)
+            warnings.warn(message, InitHashMismatch, stacklevel=2)
+
+    def apply(self, model: nn.Module, strict_init: bool = False) -> nn.Module:
+        """Mask `model` in place (parametrize); `gemminer.masking.remove_masks` undoes it."""
+        self.check(model, strict_init)
+        attach_fixed_masks(model, self.masks)
+        return model
+
+    # ---- files ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: masks as bool tensors, metadata as header strings."""
+        header = {"format_version": FORMAT_VERSION, "density_actual": repr(self.density)}
+        header.update({key: value if isinstance(value, str) else json.dumps(value)
+                       for key, value in self.metadata.items() if key not in header})
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({name: mask.contiguous() for name, mask in self.masks.items()}, str(tmp), metadata=header)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Ticket:
+        masks, header = read_safetensors(path, what="ticket")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise GemminerError(f"{path} is not a gemminer ticket (format_version {header.get('format_version')!r})")
+        metadata: dict[str, object] = {}
+        for key, value in header.items():
+            try:
+                metadata[key] = json.loads(value)
+            except json.JSONDecodeError:
+                metadata[key] = value
+            if key in ("init_hash", "model", "method", "data"):
+                metadata[key] = value  # always strings, even when they look like numbers
+        return cls(masks, metadata)
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and header of a safetensors file, with one clear error if it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise GemminerError(f"{what} file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise GemminerError(f"cannot read {what} file {path}: {err}") from err
+    return tensors, header
+
+
+def save_state(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict as safetensors, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}, str(tmp),
+              metadata=metadata)
+    os.replace(tmp, path)
