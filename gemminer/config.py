@@ -111,7 +111,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         try:
             number = annotation(value)
         except (TypeError, ValueError):
-            raise GemminerError(f"{key} must be a{'n int' if annotation is int else ' number'}, got {value!r}")
+            kind = "an integer" if annotation is int else "a number"
+            raise GemminerError(f"{key} must be {kind}, got {value!r}") from None
         if annotation is int and isinstance(value, float) and value != number:
             raise GemminerError(f"{key} must be an integer, got {value!r}")
         return number

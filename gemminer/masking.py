@@ -60,11 +60,11 @@ class _HardThresholdSTE(torch.autograd.Function):
     """1[s > 0.5] forward; the gradient passes through unchanged (straight-through)."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, scores: Tensor) -> Tensor:
         return (scores > 0.5).to(scores.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> Tensor:
         return grad
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -86,7 +86,7 @@ class Ticket:
             rows.append((layer.name, shape, str(layer.parameters), str(layer.remaining), f"{layer.density:.4f}"))
         rows.append(("total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
                  for row in rows]
         if any(layer.remaining == 0 for layer in self.layers()):
             lines.append("warning: layer collapse: at least one layer has no weight left")
@@ -121,7 +121,8 @@ class Ticket:
     # ---- files ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: masks as bool tensors, metadata as header strings."""
-        header = {"format_version": FORMAT_VERSION, "density_actual": repr(self.density)}
+        header = {"format_version": FORMAT_VERSION, "density_actual": repr(self.density),
+                  "names": json.dumps(list(self.masks))}  # safetensors sorts tensors; keep layer order
         header.update({key: value if isinstance(value, str) else json.dumps(value)
                        for key, value in self.metadata.items() if key not in header})
         path = Path(path)
@@ -140,8 +141,11 @@ class Ticket:
                 metadata[key] = json.loads(value)
             except json.JSONDecodeError:
                 metadata[key] = value
-            if key in ("init_hash", "model", "method", "data"):
+            if key in ("init_hash", "model", "method", "data", "format_version", "mask"):
                 metadata[key] = value  # always strings, even when they look like numbers
+        names = metadata.pop("names", None)
+        if isinstance(names, list) and sorted(names) == sorted(masks):
+            masks = {name: masks[name] for name in names}
         return cls(masks, metadata)
 
 
@@ -152,8 +156,6 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tens
         raise GemminerError(f"{what} file not found: {path}")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:

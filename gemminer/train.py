@@ -112,7 +112,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], num_batche
         if index >= num_batches:
             break
         model(inputs.to(device, non_blocking=True))
-    for norm, momentum in zip(norms, momenta):
+    for norm, momentum in zip(norms, momenta, strict=False):
         norm.momentum = momentum
     model.train(was_training)
 

@@ -28,6 +28,8 @@ class SearchResult:
     ticket: the mask used for fine-tuning. gem: the method's own mask at the end of
     the search where it differs (Gem-Miner's rare gem, before unflagging); else the
     ticket. epochs: training epochs spent finding the ticket (the cost claim).
+    network: the searched copy of the model where the method trains one (for Gem-Miner,
+    with its score parametrizations still attached), else None.
     """
 
     ticket: Ticket
@@ -35,6 +37,7 @@ class SearchResult:
     epochs: int = 0
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    network: nn.Module | None = None
 
 
 @dataclass

@@ -148,8 +148,8 @@ class GemMiner(PruningMethod):
             if log is not None:
                 log(row)
 
-        alive_masks = {name: m.alive.bool() for name, m in zip(names, score_masks)}
-        gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in zip(names, score_masks)}
+        alive_masks = {name: m.alive.bool() for name, m in zip(names, score_masks, strict=False)}
+        gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in zip(names, score_masks, strict=False)}
         seconds = time.perf_counter() - start
         extra = {"search_epochs": config.epochs, "freeze_period": config.freeze_period,
                  "reg_lambda": config.reg_lambda}
@@ -157,4 +157,5 @@ class GemMiner(PruningMethod):
         # Without freezing every weight stays alive: the found mask is 1[s > 0.5] (Gem-Miner(0)).
         use_alive = config.unflag and config.freeze_period > 0
         ticket = self.make_ticket(model, alive_masks if use_alive else gem_masks, mask="ticket", **extra)
-        return SearchResult(ticket=ticket, gem=gem, epochs=config.epochs, seconds=seconds, history=history)
+        return SearchResult(ticket=ticket, gem=gem, epochs=config.epochs, seconds=seconds, history=history,
+                            network=net)

@@ -1,0 +1,3 @@
+from gemminer.cli import entry_point
+
+entry_point()

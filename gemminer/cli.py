@@ -1,0 +1,258 @@
+"""Command line: ``gemminer mine | eval | finetune | compare | report``.
+
+Flags for every config field are generated from the dataclasses (``--search-reg-lambda``,
+``--finetune-lr``, ...); the common ones have short names (``--density``, ``--epochs``).
+Bad input prints one line ``gemminer: error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+import warnings
+from typing import Any
+
+from gemminer.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, load_yaml, merge, resolve
+from gemminer.errors import GemminerError
+
+SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "finetune": FinetuneConfig}
+SHORT_FLAGS = {("data", "name"): "--data", ("model", "name"): "--model", ("search", "epochs"): "--epochs"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + message
+        raise GemminerError(f"{message} (see {self.prog} --help)")
+
+
+def _add_field_flags(group: argparse._ArgumentGroup, section: str | None, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for fld in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[fld.name]) or fld.name == "search":
+            continue
+        flag = SHORT_FLAGS.get((section, fld.name))
+        if flag is None:
+            flag = "--" + (f"{section}-" if section else "") + fld.name.replace("_", "-")
+        dest = f"{section}.{fld.name}" if section else fld.name
+        help_text = fld.metadata.get("help", "")
+        default = fld.default if fld.default is not dataclasses.MISSING else None
+        help_text += f" (default {default})" if default is not None else ""
+        if hints[fld.name] is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, default=None, metavar=fld.name.upper(), help=help_text)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, method: str | None, top_level: bool = True) -> None:
+    from gemminer.methods import method_class
+
+    parser.add_argument("--config", metavar="FILE", help="YAML config; flags override it")
+    if top_level:
+        group = parser.add_argument_group("run")
+        _add_field_flags(group, None, RunConfig)
+        group.add_argument("--sparsity", type=float, default=None,
+                           help="fraction of prunable weights removed (= 1 - density)")
+    for section, cls in SECTION_CLASSES.items():
+        _add_field_flags(parser.add_argument_group(section), section, cls)
+    search = method_class(method).Config if method else None
+    if search is not None and dataclasses.fields(search):
+        _add_field_flags(parser.add_argument_group(f"search ({method})"), "search", search)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested dict of the flags given (unset flags are None and left out), over --config."""
+    given: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if value is None or dest in ("config", "command", "sparsity") or dest.startswith("_"):
+            continue
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            given.setdefault(section, {})[key] = value
+        elif dest in {f.name for f in dataclasses.fields(RunConfig)}:
+            given[dest] = value
+    if getattr(args, "sparsity", None) is not None:
+        if getattr(args, "density", None) is not None:
+            raise GemminerError("give --density or --sparsity, not both")
+        given["density"] = 1 - args.sparsity
+        if not 0 <= args.sparsity < 1:
+            raise GemminerError(f"sparsity must be in [0, 1), got {args.sparsity}")
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return merge(base, given)
+
+
+def _pre_method(argv: list[str]) -> str:
+    """The method named on the command line or in --config (it decides the search flags)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.method:
+        return known.method
+    if known.config:
+        return str(load_yaml(known.config).get("method", "gemminer"))
+    return "gemminer"
+
+
+def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
+    parser = Parser(prog="gemminer", description="Lottery tickets at initialization: Gem-Miner and baselines.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    mine = commands.add_parser("mine", help="find a ticket, evaluate it at init, fine-tune it; write a run folder")
+    mine.add_argument("--out", required=True, help="run folder")
+    mine.add_argument("--force", action="store_true", help="overwrite a finished run")
+    mine.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(mine, method)
+
+    evaluate = commands.add_parser("eval", help="accuracy of a ticket (and rare gem) at init, BN recalibrated")
+    evaluate.add_argument("--run", help="run folder")
+    evaluate.add_argument("--ticket", help="ticket file (with --init)")
+    evaluate.add_argument("--init", help="initial weights (safetensors)")
+    evaluate.add_argument("--strict", action="store_true", help="initial-weight hash mismatch is an error")
+    evaluate.add_argument("--data", dest="data.name", default=None, help="override the data set")
+    evaluate.add_argument("--device", default=None, help="auto | cpu | cuda")
+
+    tune = commands.add_parser("finetune", help="fine-tune a saved ticket from its initial weights")
+    tune.add_argument("--ticket", help="ticket file")
+    tune.add_argument("--init", help="initial weights (default: drawn from the ticket's config and seed)")
+    tune.add_argument("--run", help="take ticket and initial weights from this run folder")
+    tune.add_argument("--out", required=True, help="new run folder")
+    tune.add_argument("--force", action="store_true", help="overwrite a finished run")
+    tune.add_argument("--strict", action="store_true", help="initial-weight hash mismatch is an error")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.add_argument("--epochs", dest="finetune.epochs", default=None, help="fine-tuning epochs")
+    _add_config_flags(tune, None, top_level=False)
+    tune.add_argument("--seed", default=None, help="seed of the data order")
+    tune.add_argument("--device", default=None, help="auto | cpu | cuda")
+
+    compare = commands.add_parser(
+        "compare", help="methods x densities x seeds (plus dense training): a table of accuracies and seconds")
+    compare.add_argument("--out", default="runs/compare", help="folder for the runs and results (default %(default)s)")
+    compare.add_argument("--methods", default="gemminer,random",
+                         help="comma-separated; 'random' gets the layerwise density of the gemminer ticket")
+    compare.add_argument("--densities", default="0.02", help="comma-separated densities")
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds")
+    compare.add_argument("--no-dense", action="store_true", help="skip the dense reference")
+    compare.add_argument("--force", action="store_true", help="rerun finished runs")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(compare, "gemminer")
+
+    report = commands.add_parser("report", help="per-layer density table of a ticket")
+    report.add_argument("ticket", help="ticket file or run folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(_pre_method(argv)).parse_args(argv)
+        return COMMANDS[args.command](args)
+    except GemminerError as err:
+        print(f"gemminer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gemminer: interrupted; the run folder has no summary.json and counts as unfinished", file=sys.stderr)
+        return 130
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    keys = ["method", "density_target", "density_actual", "density_gem", "acc_before_finetune",
+            "acc_ticket_at_init", "acc_after_finetune", "epochs_to_ticket", "search_seconds", "finetune_seconds"]
+    for key in keys:
+        if key in summary:
+            value = summary[key]
+            print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from gemminer.experiment import mine
+
+    config = resolve(_overrides(args))
+    summary = mine(config, args.out, force=args.force, progress=not args.quiet)
+    _print_summary(summary)
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def _ticket_and_init(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    from gemminer.experiment import load_run
+    from gemminer.ticket import Ticket, read_safetensors
+
+    if args.run:
+        return load_run(args.run)
+    if not args.ticket:
+        raise GemminerError("give --run DIR, or --ticket FILE (with --init FILE)")
+    ticket = Ticket.load(args.ticket)
+    init = read_safetensors(args.init, what="initial weights")[0] if args.init else None
+    return None, ticket, None, init
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gemminer.experiment import config_of_ticket, evaluate_at_init
+
+    config, ticket, gem, init = _ticket_and_init(args)
+    if init is None:
+        raise GemminerError("eval needs the initial weights: --init FILE (or --run DIR)")
+    overrides = {key: value for key, value in {"device": args.device}.items() if value}
+    if getattr(args, "data.name"):
+        overrides["data"] = {"name": getattr(args, "data.name")}
+    if config is None:
+        config = config_of_ticket(ticket, overrides)
+    elif overrides:
+        config = resolve(merge(dataclasses.asdict(config), overrides))
+    result = evaluate_at_init(config, ticket, gem, init, strict=args.strict)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gemminer.experiment import config_of_ticket, finetune_saved
+
+    _, ticket, _, init = _ticket_and_init(args)
+    overrides = _overrides(args)
+    config = config_of_ticket(ticket, {key: value for key, value in overrides.items() if key != "search"})
+    summary = finetune_saved(config, ticket, init, args.out, force=args.force, strict=args.strict,
+                             progress=not args.quiet)
+    _print_summary(summary)
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from gemminer.compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    densities = [_number(d, "density", float) for d in args.densities.split(",")]
+    seeds = [_number(s, "seed", int) for s in args.seeds.split(",")]
+    table = compare(_overrides(args), methods, densities, seeds, args.out, dense=not args.no_dense,
+                    force=args.force, progress=not args.quiet)
+    print(table)
+    return 0
+
+
+def _number(text: str, what: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise GemminerError(f"bad {what} {text!r} in list") from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gemminer.ticket import Ticket
+
+    path = Path(args.ticket)
+    ticket = Ticket.load(path / "ticket.safetensors" if path.is_dir() else path)
+    print(ticket.layer_report())
+    return 0
+
+
+COMMANDS = {"mine": cmd_mine, "eval": cmd_eval, "finetune": cmd_finetune, "compare": cmd_compare,
+            "report": cmd_report}
+
+
+def entry_point() -> None:
+    warnings.simplefilter("default")
+    sys.exit(main())
