@@ -69,8 +69,9 @@ class RunConfig:
 # Tuned defaults per data set (the paper's stay available with preset "paper").
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "mnist1d": {
-        "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": 1e-4, "lr": 0.1},
-        "finetune": {"lr_schedule": "cosine"},
+        # 32 steps per epoch (vs 391 on CIFAR-10): a larger lr and lambda let the scores
+        # move and sink as far within 30 epochs as the paper's do within 150.
+        "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": 3e-4, "lr": 0.3},
     },
 }
 
