@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import statistics
@@ -24,7 +25,7 @@ from gemminer.methods.gemminer import GemMiner
 
 def per_epoch(history: list[dict]) -> list[float]:
     seconds = [row["seconds"] for row in history]
-    return [b - a for a, b in zip(seconds, seconds[1:], strict=False)]  # drops the warm-up epoch
+    return [b - a for a, b in itertools.pairwise(seconds)]  # drops the warm-up epoch
 
 
 def main() -> None:
@@ -49,7 +50,8 @@ def main() -> None:
     search, dense = statistics.median(search_times), statistics.median(dense_times)
     print(json.dumps({
         "model": config.model.name, "params": sum(p.numel() for p in run.model.parameters()),
-        "device": str(run.device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "device": str(run.device), "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
         "batch_size": config.data.batch_size, "train_samples": len(run.dataset.train),
         "search_s_per_epoch": round(search, 4), "dense_s_per_epoch": round(dense, 4),
         "ratio": round(search / dense, 3), "epochs_timed": len(search_times)}))

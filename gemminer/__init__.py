@@ -1,3 +1,26 @@
-"""gemminer: lottery tickets at initialization (Gem-Miner and the methods it is measured against)."""
+"""gemminer: lottery tickets at initialization (Gem-Miner and the methods it is measured against).
+
+    from gemminer import GemMiner, finetune
+    ticket = GemMiner(density=0.02, epochs=30).find(model, train_batches)
+    ticket.apply(model); finetune(model, train_batches, test_batches, epochs=30)
+"""
 
 __version__ = "0.1.0"
+
+from gemminer.data import Batches, TensorData, load_dataset
+from gemminer.errors import GemminerError
+from gemminer.finetune import finetune
+from gemminer.init import initialize_weights
+from gemminer.masking import prunable_names, remove_masks
+from gemminer.methods import METHODS, PruningMethod, SearchResult
+from gemminer.methods.dense import Dense
+from gemminer.methods.gemminer import GemMiner, GemMinerConfig
+from gemminer.methods.random import RandomTicket
+from gemminer.models import build_model
+from gemminer.ticket import Ticket
+
+__all__ = [
+    "METHODS", "Batches", "Dense", "GemMiner", "GemMinerConfig", "GemminerError", "PruningMethod", "RandomTicket",
+    "SearchResult", "TensorData", "Ticket", "build_model", "finetune", "initialize_weights", "load_dataset",
+    "prunable_names", "remove_masks",
+]

@@ -21,7 +21,7 @@ from gemminer.errors import GemminerError
 @dataclass
 class DataConfig:
     name: str = field(default="mnist1d", metadata={"help": "data set name"})
-    data_dir: str | None = field(default=None, metadata={"help": "data / cache folder (default ~/.cache/gemminer)"})
+    dir: str | None = field(default=None, metadata={"help": "data / cache folder (default ~/.cache/gemminer)"})
     num_samples: int = field(default=5000, metadata={"help": "MNIST-1D samples, train+test (5000 = canonical)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})

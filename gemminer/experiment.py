@@ -58,7 +58,7 @@ class Setup:
 def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) -> Setup:
     """Load data and build the initial model (drawn from the seed, or `init_state`)."""
     device = resolve_device(config.device)
-    dataset = load_dataset(config.data.name, config.data.data_dir, config.data.num_samples)
+    dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)
     if config.model.name is None:
         config.model.name = DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
     torch.manual_seed(make_generator(config.seed, "model").initial_seed())  # layers draw from the global RNG
@@ -87,8 +87,10 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
 
     method = method_class(config.method)(
         config.density, config.search, seed=config.seed, device=run.device,
-        prune_first=config.model.prune_first, prune_last=config.model.prune_last, progress=progress)
-    result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log)
+        prune_first=config.model.prune_first, prune_last=config.model.prune_last, progress=progress,
+        bn_recalibration_batches=config.bn_recalibration_batches)
+    result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
+                           recalibration=run.batches("bn-recalibration"))
     metadata = {"model": config.model.name, "data": config.data.name, "run_config": json.dumps(to_dict(config))}
     for ticket in (result.ticket, result.gem):
         ticket.metadata.update(metadata)

@@ -86,7 +86,8 @@ class Ticket:
             rows.append((layer.name, shape, str(layer.parameters), str(layer.remaining), f"{layer.density:.4f}"))
         rows.append(("total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=False)))
+        lines = ["  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
+                           for column, (cell, width) in enumerate(zip(row, widths, strict=True)))
                  for row in rows]
         if any(layer.remaining == 0 for layer in self.layers()):
             lines.append("warning: layer collapse: at least one layer has no weight left")

@@ -27,7 +27,7 @@ def _cpu_threads():
 
 def tiny_overrides(data_dir, **extra):
     """Config overrides for a run that takes a second or two."""
-    overrides = {"density": 0.1, "seed": 0, "data": {"data_dir": data_dir, "num_samples": 500, "batch_size": 64},
+    overrides = {"density": 0.1, "seed": 0, "data": {"dir": data_dir, "num_samples": 500, "batch_size": 64},
                  "model": {"width": 8}, "search": {"epochs": 4, "freeze_period": 1}, "finetune": {"epochs": 2},
                  "bn_recalibration_batches": 3}
     for key, value in extra.items():

@@ -17,7 +17,7 @@ TINY_FLAGS = ["--density", "0.1", "--epochs", "4", "--search-freeze-period", "1"
 
 
 def flags(data_dir):
-    return [*TINY_FLAGS, "--data-data-dir", data_dir]
+    return [*TINY_FLAGS, "--data-dir", data_dir]
 
 
 @pytest.fixture(scope="module")

@@ -125,3 +125,24 @@ def test_same_seed_same_ticket(tiny):
     assert all(torch.equal(first.masks[n], second.masks[n]) for n in first.masks)
     assert any(not torch.equal(first.masks[n], other.masks[n]) for n in first.masks)
     assert prunable_names(build_model("mlp", tiny.input_shape, 10, width=16)) == list(first.masks)
+
+
+def test_per_epoch_evaluation_does_not_change_the_ticket(tiny):
+    from gemminer.data import Batches
+
+    def run(evaluate):
+        torch.manual_seed(1)
+        model = build_model("cnn1d", tiny.input_shape, 10, width=8)
+        data = Batches(tiny.train, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
+        extra = {}
+        if evaluate:
+            extra = {"test": Batches(tiny.test, 100),
+                     "recalibration": Batches(tiny.train, 64, shuffle=True, generator=torch.Generator().manual_seed(9))}
+        rows = []
+        ticket = GemMiner(0.1, epochs=3, freeze_period=1, bn_recalibration_batches=2).search(
+            model, data, log=rows.append, **extra).ticket
+        return ticket, rows
+
+    (plain, _), (evaluated, rows) = run(False), run(True)
+    assert all(torch.equal(plain.masks[n], evaluated.masks[n]) for n in plain.masks)
+    assert all(0 <= row["test_acc"] <= 1 for row in rows)

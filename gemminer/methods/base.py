@@ -60,7 +60,7 @@ class PruningMethod(ABC):
 
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
-                 **options: Any) -> None:
+                 bn_recalibration_batches: int = 20, **options: Any) -> None:
         if not 0 < density <= 1:
             raise GemminerError(f"density must be in (0, 1], got {density}")
         config = copy.deepcopy(config) if config is not None else self.Config()
@@ -70,6 +70,7 @@ class PruningMethod(ABC):
         self.density, self.config, self.seed = density, config, seed
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.prune_first, self.prune_last, self.progress = prune_first, prune_last, progress
+        self.bn_recalibration_batches = bn_recalibration_batches
 
     def find(self, model: nn.Module, train: Iterable[Batch]) -> Ticket:
         """The ticket for `model` (whose current weights are the initial weights)."""
@@ -77,8 +78,13 @@ class PruningMethod(ABC):
 
     @abstractmethod
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None) -> SearchResult:
-        """Find a ticket; per-epoch metrics go to `log` as dicts."""
+               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None) -> SearchResult:
+        """Find a ticket; per-epoch metrics go to `log` as dicts.
+
+        With `test`, methods that train report a test accuracy per epoch; with
+        `recalibration` (training batches in an order of their own, so the training
+        order does not depend on it) BatchNorm statistics are recomputed first.
+        """
 
     # helpers for subclasses ---------------------------------------------------------
     def prunable(self, model: nn.Module) -> list[str]:

@@ -21,7 +21,7 @@ from gemminer.errors import GemminerError
 from gemminer.masking import ScoreMask, attach
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, evaluate, train_epoch
+from gemminer.train import Batch, evaluate, recalibrate_batchnorm, train_epoch
 
 
 @dataclass
@@ -88,7 +88,7 @@ class GemMiner(PruningMethod):
     Config = GemMinerConfig
 
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None) -> SearchResult:
+               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None) -> SearchResult:
         config = self.config
         start = time.perf_counter()
         net = copy.deepcopy(model).to(self.device)
@@ -140,16 +140,17 @@ class GemMiner(PruningMethod):
                    "reg_loss": reg, "train_acc": stats.accuracy, "density": alive / total,
                    "density_gem": gem / total, "freeze_event": int(epoch in schedule)}
             if test is not None:
-                # the search's own BatchNorm statistics, as the official code; the reported
-                # at-init accuracies recompute them
+                if recalibration is not None:  # training uses batch statistics: this changes no step
+                    recalibrate_batchnorm(net, recalibration, self.bn_recalibration_batches)
                 row["test_acc"] = evaluate(net, test).accuracy
             row["seconds"] = time.perf_counter() - start
             history.append(row)
             if log is not None:
                 log(row)
 
-        alive_masks = {name: m.alive.bool() for name, m in zip(names, score_masks, strict=False)}
-        gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in zip(names, score_masks, strict=False)}
+        pairs = list(zip(names, score_masks, strict=True))
+        alive_masks = {name: m.alive.bool() for name, m in pairs}
+        gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in pairs}
         seconds = time.perf_counter() - start
         extra = {"search_epochs": config.epochs, "freeze_period": config.freeze_period,
                  "reg_lambda": config.reg_lambda}
