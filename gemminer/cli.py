@@ -13,8 +13,11 @@ import json
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import Any
 
+from gemminer import distributed
+from gemminer.checkpoint import StopRequested
 from gemminer.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, load_yaml, merge, resolve
 from gemminer.errors import GemminerError
 
@@ -105,7 +108,10 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     mine = commands.add_parser("mine", help="find a ticket, evaluate it at init, fine-tune it; write a run folder",
                                epilog=DEFAULTS_NOTE)
     mine.add_argument("--out", required=True, help="run folder")
-    mine.add_argument("--force", action="store_true", help="overwrite a finished run")
+    mine.add_argument("--force", action="store_true", help="start over, even on a finished or unfinished run")
+    mine.add_argument("--resume", action="store_true",
+                      help="resume the unfinished run in --out (the default when there is one; this flag makes "
+                           "its absence an error)")
     mine.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(mine, method)
 
@@ -156,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     except GemminerError as err:
         print(f"gemminer: error: {err}", file=sys.stderr)
         return 2
+    except StopRequested as stop:
+        print(f"gemminer: stopped by {stop.signal_name} after writing a checkpoint; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130 if stop.signal_name == "SIGINT" else 143
     except KeyboardInterrupt:
         print("gemminer: interrupted; the run folder has no summary.json and counts as unfinished", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -174,7 +186,11 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from gemminer.experiment import mine
 
     config = resolve(_overrides(args))
+    if args.resume and not (Path(args.out) / "config.yaml").is_file():
+        raise GemminerError(f"nothing to resume in {args.out} (no unfinished run there)")
     summary = mine(config, args.out, force=args.force, progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     _print_summary(summary)
     print(f"run folder: {args.out}")
     return 0
@@ -244,8 +260,6 @@ def _number(text: str, what: str, kind: type) -> Any:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from gemminer.ticket import Ticket
 
     path = Path(args.ticket)

@@ -26,7 +26,7 @@ def _run(overrides: dict[str, Any], out: Path, force: bool, progress: bool) -> d
     folder = RunFolder(out)
     if folder.finished and not force:
         return folder.summary()  # finished runs are reused, so an interrupted compare picks up where it was
-    return mine(resolve(overrides), out, force=True, progress=progress)
+    return mine(resolve(overrides), out, force=force, progress=progress)  # resumes an unfinished run
 
 
 def compare(overrides: dict[str, Any], methods: list[str], densities: list[float], seeds: list[int],

@@ -60,6 +60,8 @@ class RunConfig:
     bn_recalibration_batches: int = field(
         default=20, metadata={"help": "training batches to recompute BatchNorm statistics before an at-init "
                                       "accuracy (0: off)"})
+    checkpoint_every: int = field(
+        default=1, metadata={"help": "epochs between checkpoints (0: only at freezing events and on SIGINT/SIGTERM)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     search: Any = None  # the method's own config dataclass, filled in by `resolve`
@@ -140,6 +142,17 @@ def _apply(config: Any, overrides: dict[str, Any], prefix: str = "") -> None:
             setattr(config, key, coerce(value, _field_type(type(config), key), path))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Nested dict merge, `extra` winning."""
     out = dict(base)
@@ -202,6 +215,8 @@ def validate(config: RunConfig) -> None:
     """Reject values no run can use, with the allowed values in the message."""
     if not 0 < config.density <= 1:
         raise GemminerError(f"density must be in (0, 1], got {config.density}")
+    if config.checkpoint_every < 0:
+        raise GemminerError("checkpoint_every must be >= 0")
     if config.bn_recalibration_batches < 0:
         raise GemminerError("bn_recalibration_batches must be >= 0")
     if config.finetune.lr_schedule not in ("multistep", "cosine"):

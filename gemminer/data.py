@@ -34,29 +34,66 @@ class Batches:
 
     With `shuffle`, each pass draws a fresh permutation from `generator`, so the
     order is a function of the seed alone. The last short batch is kept.
+
+    Resumable: `state_dict()` taken after k batches of a pass holds the generator
+    state from before that pass's permutation and k, so the next pass after
+    `load_state_dict()` yields exactly the remaining batches.
+
+    Data-parallel: with `world_size` > 1 every rank draws the same global
+    permutation and takes its contiguous share of each global batch.
     """
 
     def __init__(self, data: TensorData, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise GemminerError(f"batch size must be >= 1, got {batch_size}")
         if shuffle and generator is None:
             raise GemminerError("shuffled batches need an explicit generator")
+        if batch_size < world_size:
+            raise GemminerError(f"batch size {batch_size} is smaller than the {world_size} processes sharing it")
         self.data, self.batch_size, self.shuffle, self.generator = data, batch_size, shuffle, generator
+        self.rank, self.world_size = rank, world_size
+        self._pass_start_state: torch.Tensor | None = None  # generator state before the current pass
+        self._position = 0  # batches handed out in the current pass
+        self._skip = 0  # batches to skip in the next pass (set by load_state_dict)
 
     def __len__(self) -> int:
         return (len(self.data) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.data)
+        skip, self._skip = self._skip, 0
+        order = None
         if self.shuffle:
+            self._pass_start_state = self.generator.get_state()
             order = torch.randperm(n, generator=self.generator).to(self.data.y.device)
-            for start in range(0, n, self.batch_size):
-                index = order[start:start + self.batch_size]
+        self._position = skip
+        try:
+            for start in range(skip * self.batch_size, n, self.batch_size):
+                stop = min(start + self.batch_size, n)
+                if self.world_size > 1:
+                    if stop - start < self.world_size:
+                        break  # too short to give every rank a sample; all ranks drop it alike
+                    share = torch.arange(start, stop).tensor_split(self.world_size)[self.rank]
+                    start, stop = int(share[0]), int(share[-1]) + 1
+                index = order[start:stop] if order is not None else slice(start, stop)
+                self._position += 1
                 yield self.data.x[index], self.data.y[index]
+        finally:  # exhausted or abandoned (closed): the next pass starts afresh
+            self._position = 0
+
+    def state_dict(self) -> dict[str, object]:
+        """Where the batch stream stands (generator state and position in the pass)."""
+        if self._position and self._pass_start_state is not None:
+            generator_state = self._pass_start_state  # mid-pass: replay the same permutation
         else:
-            for start in range(0, n, self.batch_size):
-                yield self.data.x[start:start + self.batch_size], self.data.y[start:start + self.batch_size]
+            generator_state = self.generator.get_state() if self.generator is not None else None
+        return {"generator": generator_state, "position": self._position}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        self._skip = int(state.get("position", 0))
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import time
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gemminer import __version__
+from gemminer import __version__, distributed
+from gemminer.checkpoint import Checkpointer, StopFlag
 from gemminer.config import RunConfig, resolve, to_dict
 from gemminer.data import Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
@@ -23,7 +25,7 @@ from gemminer.methods import method_class
 from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
 from gemminer.runs import RunFolder
 from gemminer.seeding import make_generator
-from gemminer.ticket import Ticket, read_safetensors, save_state
+from gemminer.ticket import Ticket, read_safetensors
 from gemminer.train import masked_accuracy, resolve_device
 
 
@@ -39,7 +41,8 @@ class Setup:
     def batches(self, stream: str) -> Batches:
         """Shuffled training batches with their own seeded order."""
         generator = make_generator(self.config.seed, stream)
-        return Batches(self.dataset.train, self.config.data.batch_size, shuffle=True, generator=generator)
+        return Batches(self.dataset.train, self.config.data.batch_size, shuffle=True, generator=generator,
+                       rank=distributed.rank(), world_size=distributed.world_size())
 
     @property
     def test(self) -> Batches:
@@ -56,8 +59,9 @@ class Setup:
 
 
 def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) -> Setup:
-    """Load data and build the initial model (drawn from the seed, or `init_state`)."""
-    device = resolve_device(config.device)
+    """Load data and build the initial model (drawn from the seed, or `init_state`).
+    Under torchrun this joins the process group first."""
+    device = distributed.init_from_env(resolve_device(config.device))
     dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)
     if config.model.name is None:
         config.model.name = DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
@@ -78,55 +82,103 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
     return Setup(config, device, dataset, model.to(device))
 
 
-def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Search, evaluate at init, fine-tune; write the run folder. Returns the summary."""
-    folder = RunFolder(out)
+def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True,
+         resume: bool = True) -> dict[str, Any]:
+    """Search, evaluate at init, fine-tune; write the run folder. Returns the summary.
+
+    An unfinished run in `out` is resumed from its checkpoint when its config matches
+    (`force` starts it over); a finished one is refused unless `force`.
+    """
     run = setup(config)
-    folder.start(config, force=force)  # after setup: bad input leaves no folder behind
-    save_state(run.model.state_dict(), folder.file("init.safetensors"))
+    folder = RunFolder(out, writer=distributed.is_main())
+    if folder.finished and not force:
+        raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
+    resuming = resume and not force and folder.file("config.yaml").is_file()
+    if resuming:
+        folder.check_same_config(config)
+    else:
+        folder.start(config, force=force)  # after setup: bad input leaves no folder behind
+        folder.write_state(run.model.state_dict(), "init.safetensors")
+    distributed.barrier()
+    with StopFlag() as stop:
+        checkpoint = Checkpointer(folder.file("checkpoint.pt"), config.checkpoint_every, stop,
+                                  is_writer=distributed.is_main(), barrier=distributed.barrier)
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
+        pipeline = checkpoint.pipeline
+        pipeline.setdefault("rows", [])
+        if resuming:
+            loop = checkpoint.state.get("loop") or {}
+            folder.rewrite_metrics(pipeline["rows"] + loop.get("history", []))
+            where = "the last completed phase"
+            if loop:
+                step = f", step {loop['partial']['steps']}" if loop.get("partial") else ""
+                where = f"{loop['phase']} epoch {loop['epoch'] + 1}{step}"
+            if distributed.is_main():
+                print(f"resuming the unfinished run in {out} from {where}", file=sys.stderr)
+        summary = _mine_phases(config, run, folder, checkpoint, progress)
+    folder.file("checkpoint.pt").unlink(missing_ok=True) if distributed.is_main() else None
+    return summary
 
-    method = method_class(config.method)(
-        config.density, config.search, seed=config.seed, device=run.device,
-        prune_first=config.model.prune_first, prune_last=config.model.prune_last, progress=progress,
-        bn_recalibration_batches=config.bn_recalibration_batches)
-    result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
-                           recalibration=run.batches("bn-recalibration"))
-    metadata = {"model": config.model.name, "data": config.data.name, "run_config": json.dumps(to_dict(config))}
-    for ticket in (result.ticket, result.gem):
-        ticket.metadata.update(metadata)
-    result.ticket.save(folder.file("ticket.safetensors"))
-    result.gem.save(folder.file("gem.safetensors"))
 
-    acc_before = run.at_init_accuracy(result.gem)
-    acc_ticket = acc_before if result.gem is result.ticket else run.at_init_accuracy(result.ticket)
-    history, finetune_seconds = train_ticket(run, result.ticket, folder, progress)
-    collapsed = [layer.name for layer in result.ticket.layers() if layer.remaining == 0]
+def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: Checkpointer,
+                 progress: bool) -> dict[str, Any]:
+    pipeline = checkpoint.pipeline
+    if "search" not in pipeline:
+        method = method_class(config.method)(
+            config.density, config.search, seed=config.seed, device=run.device,
+            prune_first=config.model.prune_first, prune_last=config.model.prune_last,
+            progress=progress and distributed.is_main(), bn_recalibration_batches=config.bn_recalibration_batches)
+        result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
+                               recalibration=run.batches("bn-recalibration"), checkpoint=checkpoint)
+        metadata = {"model": config.model.name, "data": config.data.name,
+                    "run_config": json.dumps(to_dict(config))}
+        for ticket in (result.ticket, result.gem):
+            ticket.metadata.update(metadata)
+        folder.write_ticket(result.ticket, "ticket.safetensors")
+        folder.write_ticket(result.gem, "gem.safetensors")
+        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds}
+        pipeline["rows"] += result.history
+        checkpoint.save(None)  # the search is done: a resume starts at fine-tuning
+    ticket = Ticket.load(folder.file("ticket.safetensors"))
+    gem = Ticket.load(folder.file("gem.safetensors"))
+    collapsed = [layer.name for layer in ticket.layers() if layer.remaining == 0]
+    if collapsed and distributed.is_main():
+        warnings.warn(f"layer collapse: no weight left in {', '.join(collapsed)}", LayerCollapse, stacklevel=2)
+
+    acc_before = run.at_init_accuracy(gem)
+    acc_ticket = acc_before if gem.masks.keys() == ticket.masks.keys() and all(
+        torch.equal(gem.masks[n], ticket.masks[n]) for n in ticket.masks) else run.at_init_accuracy(ticket)
+    history, finetune_seconds = train_ticket(run, ticket, folder, progress, checkpoint)
     summary = {
         "method": config.method, "data": config.data.name, "model": config.model.name, "seed": config.seed,
-        "density_target": result.ticket.metadata["density_target"], "density_actual": result.ticket.density,
-        "density_gem": result.gem.density,
+        "density_target": ticket.metadata["density_target"], "density_actual": ticket.density,
+        "density_gem": gem.density,
         "acc_before_finetune": acc_before, "acc_ticket_at_init": acc_ticket,
         "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
         "acc_best_finetune": max((row["test_acc"] for row in history), default=acc_ticket),
-        "epochs_to_ticket": result.epochs, "finetune_epochs": len(history),
-        "search_seconds": result.seconds, "finetune_seconds": finetune_seconds,
-        "layer_collapse": collapsed, "device": str(run.device), "torch": torch.__version__,
-        "gemminer": __version__,
+        "epochs_to_ticket": pipeline["search"]["epochs"], "finetune_epochs": len(history),
+        "search_seconds": pipeline["search"]["seconds"], "finetune_seconds": finetune_seconds,
+        "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
+        "torch": torch.__version__, "gemminer": __version__,
     }
     folder.finish(summary)
     return summary
 
 
-def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool) -> tuple[list[dict], float]:
+class LayerCollapse(UserWarning):
+    """A ticket keeps no weight at all in some layer."""
+
+
+def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool,
+                 checkpoint: Checkpointer | None = None) -> tuple[list[dict], float]:
     """Fine-tune `ticket` on the run's initial weights; save the trained sparse weights."""
     model = copy.deepcopy(run.model)
     ticket.apply(model)
-    start = time.perf_counter()
     history = finetune(model, run.batches("finetune-order"), run.test, epochs=run.config.finetune.epochs,
-                       config=run.config.finetune, log=folder.log, progress=progress)
-    seconds = time.perf_counter() - start
-    save_state(remove_masks(model).state_dict(), folder.file("finetuned.safetensors"))
-    return history, seconds
+                       config=run.config.finetune, log=folder.log, progress=progress and distributed.is_main(),
+                       checkpoint=checkpoint)
+    folder.write_state(remove_masks(model).state_dict(), "finetuned.safetensors")
+    return history, history[-1]["seconds"] if history else 0.0
 
 
 def config_of_ticket(ticket: Ticket, overrides: dict[str, Any]) -> RunConfig:
@@ -176,8 +228,8 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
     run = setup(config, init_state=init)
     ticket.check(run.model, strict_init=strict)
     folder.start(config, force=force)
-    save_state(run.model.state_dict(), folder.file("init.safetensors"))
-    ticket.save(folder.file("ticket.safetensors"))
+    folder.write_state(run.model.state_dict(), "init.safetensors")
+    folder.write_ticket(ticket, "ticket.safetensors")
     acc_ticket = run.at_init_accuracy(ticket)
     history, seconds = train_ticket(run, ticket, folder, progress)
     summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,

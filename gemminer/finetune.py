@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from gemminer import distributed
+from gemminer.checkpoint import Checkpointer
 from gemminer.config import FinetuneConfig
-from gemminer.methods.base import MetricsLog
-from gemminer.train import Batch, evaluate, train_epoch
+from gemminer.methods.base import MetricsLog, stateful_streams
+from gemminer.train import Batch, evaluate, fit
 
 
 def paper_milestones(epochs: int) -> list[int]:
@@ -22,7 +23,7 @@ def paper_milestones(epochs: int) -> list[int]:
 
 def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None, epochs: int = 30,
              config: FinetuneConfig | None = None, log: MetricsLog | None = None, progress: bool = False,
-             phase: str = "finetune") -> list[dict[str, Any]]:
+             phase: str = "finetune", checkpoint: Checkpointer | None = None) -> list[dict[str, Any]]:
     """Train every parameter of `model` (masked through parametrize, or dense) with SGD.
 
     Masked weights stay exactly zero: the mask multiplies the trained original weight.
@@ -36,17 +37,10 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
     else:
         milestones = config.milestones if config.milestones is not None else paper_milestones(epochs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    start = time.perf_counter()
-    history = []
-    for epoch in range(epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(model, train, optimizer, progress=progress, description=f"{phase} {epoch + 1}/{epochs}")
-        scheduler.step()
-        row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy}
-        if test is not None:
-            row["test_acc"] = evaluate(model, test).accuracy
-        row["seconds"] = time.perf_counter() - start
-        history.append(row)
-        if log is not None:
-            log(row)
-    return history
+
+    def end_of_epoch(epoch: int) -> dict[str, Any]:
+        return {"test_acc": evaluate(model, test).accuracy} if test is not None else {}
+
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **stateful_streams(train=train)}
+    return fit(distributed.wrap(model), train, optimizer, scheduler, epochs, phase=phase, end_of_epoch=end_of_epoch,
+               log=log, checkpoint=checkpoint, state=state, progress=progress)

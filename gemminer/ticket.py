@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from gemminer.checkpoint import write_bytes_atomic
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.masking import attach_fixed_masks, original_weight, owner
@@ -123,13 +125,12 @@ class Ticket:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: masks as bool tensors, metadata as header strings."""
         header = {"format_version": FORMAT_VERSION, "density_actual": repr(self.density),
-                  "names": json.dumps(list(self.masks))}  # safetensors sorts tensors; keep layer order
+                  "names": json.dumps(list(self.masks)),  # safetensors sorts tensors; keep layer order
+                  "masks_sha256": masks_digest(self.masks)}
         header.update({key: value if isinstance(value, str) else json.dumps(value)
                        for key, value in self.metadata.items() if key not in header})
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({name: mask.contiguous() for name, mask in self.masks.items()}, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        payload = save({name: mask.contiguous() for name, mask in self.masks.items()}, metadata=header)
+        write_bytes_atomic(Path(path), payload, "ticket")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ticket:
@@ -144,6 +145,9 @@ class Ticket:
                 metadata[key] = value
             if key in ("init_hash", "model", "method", "data", "format_version", "mask"):
                 metadata[key] = value  # always strings, even when they look like numbers
+        expected = metadata.pop("masks_sha256", None)
+        if expected is not None and expected != masks_digest(masks):
+            raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")
         names = metadata.pop("names", None)
         if isinstance(names, list) and sorted(names) == sorted(masks):
             masks = {name: masks[name] for name in names}
@@ -166,8 +170,16 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tens
 
 def save_state(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as safetensors, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}, str(tmp),
-              metadata=metadata)
-    os.replace(tmp, path)
+    payload = save({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()},
+                   metadata=metadata)
+    write_bytes_atomic(Path(path), payload, "file")
+
+
+def masks_digest(masks: dict[str, Tensor]) -> str:
+    """sha256 over mask names and bits, in sorted name order (stored in the ticket header)."""
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        mask = masks[name].to("cpu", torch.bool).contiguous()
+        digest.update(f"{name}|{tuple(mask.shape)}|".encode())
+        digest.update(mask.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

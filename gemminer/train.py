@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from gemminer import distributed
+from gemminer.checkpoint import Checkpointer, StopRequested
 from gemminer.errors import GemminerError
 from gemminer.masking import attach_fixed_masks
 
@@ -44,16 +48,46 @@ class EpochStats:
     samples: int
 
 
+class Diverged(GemminerError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of a training pass; checkpointed mid-epoch so a resumed pass
+    reports the same numbers as an uninterrupted one."""
+
+    steps: int
+    loss_sum: Tensor
+    correct: Tensor
+    samples: int
+
+    def as_state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.cpu(),
+                "samples": self.samples}
+
+    @classmethod
+    def start(cls, device: torch.device, state: dict[str, Any] | None = None) -> EpochProgress:
+        if state is None:
+            return cls(0, torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0)
+        return cls(state["steps"], state["loss_sum"].to(device), state["correct"].to(device), state["samples"])
+
+
 def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                 after_step: Callable[[], None] | None = None, progress: bool = False,
-                description: str = "") -> EpochStats:
-    """One pass of cross-entropy training; `after_step` runs after every optimizer step."""
+                description: str = "", resume: dict[str, Any] | None = None,
+                on_step: Callable[[EpochProgress], None] | None = None) -> EpochStats:
+    """One pass of cross-entropy training.
+
+    `after_step` runs after every optimizer step (e.g. clamping); `on_step` after that
+    with the running sums (checkpointing on a stop request). `resume` continues a
+    pass whose batch stream was restored to the same position.
+    """
     device = model_device(model)
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    samples = 0
-    for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress):
+    running = EpochProgress.start(device, resume)
+    for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress,
+                                initial=running.steps, total=len(batches) if hasattr(batches, "__len__") else None):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
@@ -63,13 +97,76 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
         if after_step is not None:
             after_step()
         # accumulate on the device: no host sync per step
-        loss_sum += loss.detach() * len(targets)
-        correct += (logits.detach().argmax(1) == targets).sum()
-        samples += len(targets)
-    mean_loss = (loss_sum / max(samples, 1)).item()
+        running.loss_sum += loss.detach() * len(targets)
+        running.correct += (logits.detach().argmax(1) == targets).sum()
+        running.samples += len(targets)
+        running.steps += 1
+        if on_step is not None:
+            on_step(running)
+    totals = torch.stack([running.loss_sum.float(), running.correct.float(),
+                          torch.tensor(float(running.samples), device=device)])
+    loss_sum, correct, samples = distributed.all_reduce_sum(totals).tolist()
+    mean_loss = loss_sum / max(samples, 1)
     if not math.isfinite(mean_loss):
-        raise GemminerError(f"training diverged (loss {mean_loss}); lower the learning rate")
-    return EpochStats(mean_loss, correct.item() / max(samples, 1), samples)
+        raise Diverged(f"training diverged (mean loss {mean_loss}); lower the learning rate")
+    return EpochStats(mean_loss, correct / max(samples, 1), int(samples))
+
+
+def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None, epochs: int, *, phase: str,
+        end_of_epoch: Callable[[int], dict[str, Any]] | None = None, after_step: Callable[[], None] | None = None,
+        log: Callable[[dict[str, Any]], None] | None = None, checkpoint: Checkpointer | None = None,
+        state: dict[str, Any] | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """The training loop every method and fine-tuning share.
+
+    Per epoch: a pass over `batches`, the scheduler step, `end_of_epoch(epoch)` (which
+    may freeze weights and returns extra metric columns), a metrics row to `log`.
+    With a `checkpoint`, `state` (name -> object with state_dict/load_state_dict) is
+    saved every `checkpoint.every_epochs` epochs, at freezing events and on SIGINT or
+    SIGTERM (after the current step), and restored when the run stopped inside `phase`.
+    """
+    history: list[dict[str, Any]] = []
+    first_epoch, partial, elapsed = 0, None, 0.0
+    saved = checkpoint.phase_state(phase) if checkpoint is not None else None
+    if saved is not None:
+        checkpoint.restore_objects(state or {})
+        first_epoch, partial, history, elapsed = saved["epoch"], saved["partial"], saved["history"], saved["elapsed"]
+    start = time.perf_counter()
+    device = model_device(model)
+
+    def save(epoch: int, running: EpochProgress | None) -> None:
+        loop = {"phase": phase, "epoch": epoch, "partial": running.as_state() if running else None,
+                "history": history, "elapsed": elapsed + time.perf_counter() - start}
+        checkpoint.save(loop, state)
+
+    def stop_if_requested(epoch: int, running: EpochProgress | None) -> None:
+        name = checkpoint.stop_requested() if checkpoint is not None else None
+        if checkpoint is not None and distributed.any_rank(name is not None, device):
+            if running is not None and not bool(torch.isfinite(running.loss_sum)):
+                raise Diverged("training diverged (loss is not finite); the last good checkpoint is kept")
+            save(epoch, running)
+            raise StopRequested(name or "SIGTERM")
+
+    for epoch in range(first_epoch, epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(model, batches, optimizer, after_step, progress, f"{phase} {epoch + 1}/{epochs}",
+                            resume=partial, on_step=lambda running, epoch=epoch: stop_if_requested(epoch, running))
+        partial = None
+        if scheduler is not None:
+            scheduler.step()
+        row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy}
+        if end_of_epoch is not None:
+            row.update(end_of_epoch(epoch))
+        row["seconds"] = elapsed + time.perf_counter() - start
+        history.append(row)
+        if log is not None:
+            log(row)
+        if checkpoint is not None:
+            due = checkpoint.every_epochs > 0 and (epoch + 1) % checkpoint.every_epochs == 0
+            if due or row.get("freeze_event"):
+                save(epoch + 1, None)
+            stop_if_requested(epoch + 1, None)
+    return history
 
 
 @torch.no_grad()
@@ -108,10 +205,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], num_batche
         norm.momentum = None  # cumulative average over the batches seen
     was_training = model.training
     model.train()
-    for index, (inputs, _) in enumerate(batches):
-        if index >= num_batches:
-            break
-        model(inputs.to(device, non_blocking=True))
+    stream = iter(batches)
+    try:
+        for _, (inputs, _) in zip(range(num_batches), stream, strict=False):
+            model(inputs.to(device, non_blocking=True))
+    finally:
+        getattr(stream, "close", lambda: None)()  # an abandoned pass is over (resumable Batches rely on it)
     for norm, momentum in zip(norms, momenta, strict=False):
         norm.momentum = momentum
     model.train(was_training)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.masking import prunable_names
@@ -78,12 +79,14 @@ class PruningMethod(ABC):
 
     @abstractmethod
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None) -> SearchResult:
+               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+               checkpoint: Checkpointer | None = None) -> SearchResult:
         """Find a ticket; per-epoch metrics go to `log` as dicts.
 
         With `test`, methods that train report a test accuracy per epoch; with
         `recalibration` (training batches in an order of their own, so the training
         order does not depend on it) BatchNorm statistics are recomputed first.
+        With `checkpoint`, a method that trains saves and resumes its state through it.
         """
 
     # helpers for subclasses ---------------------------------------------------------
@@ -95,3 +98,10 @@ class PruningMethod(ABC):
         metadata = {"method": self.name, "density_target": self.density, "seed": self.seed,
                     "init_hash": init_hash(model), **extra}
         return Ticket({name: mask.detach().to("cpu").bool() for name, mask in masks.items()}, metadata)
+
+
+def stateful_streams(**streams: object) -> dict[str, object]:
+    """The data streams whose position can be checkpointed (the toolkit's Batches; a
+    plain DataLoader has no state_dict and restarts its epoch on resume)."""
+    return {name: stream for name, stream in streams.items()
+            if stream is not None and hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")}

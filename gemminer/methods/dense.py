@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from gemminer.checkpoint import Checkpointer
 from gemminer.masking import weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.train import Batch
@@ -16,7 +17,8 @@ class Dense(PruningMethod):
     name = "dense"
 
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None) -> SearchResult:
+               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+               checkpoint: Checkpointer | None = None) -> SearchResult:
         masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights(model, self.prunable(model)).items()}
         ticket = self.make_ticket(model, masks)
         ticket.metadata["density_target"] = 1.0

@@ -13,15 +13,18 @@ import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from gemminer import distributed
+from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.masking import ScoreMask, attach
-from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
+from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult, stateful_streams
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, evaluate, recalibrate_batchnorm, train_epoch
+from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm
 
 
 @dataclass
@@ -76,6 +79,7 @@ def freeze_lowest(masks: list[ScoreMask], keep: int) -> None:
     order = torch.sort(key, stable=True).indices
     new_alive = torch.ones_like(alive)
     new_alive[order[:len(order) - keep]] = False
+    distributed.broadcast(new_alive, source=0)  # rank 0 decides; every rank applies the same mask
     offset = 0
     for mask in masks:
         count = mask.alive.numel()
@@ -88,7 +92,8 @@ class GemMiner(PruningMethod):
     Config = GemMinerConfig
 
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None) -> SearchResult:
+               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+               checkpoint: Checkpointer | None = None) -> SearchResult:
         config = self.config
         start = time.perf_counter()
         net = copy.deepcopy(model).to(self.device)
@@ -123,35 +128,31 @@ class GemMiner(PruningMethod):
             for s in scores:
                 s.clamp_(0.0, 1.0)
 
-        history = []
-        for epoch in range(config.epochs):
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_epoch(net, train, optimizer, after_step=clamp_scores, progress=self.progress,
-                                description=f"search {epoch + 1}/{config.epochs}")
-            if scheduler is not None:
-                scheduler.step()
+        def end_of_epoch(epoch: int) -> dict[str, Any]:
             if epoch in schedule:
                 freeze_lowest(score_masks, schedule[epoch])
             with torch.no_grad():
                 alive = sum(int(m.alive.sum()) for m in score_masks)
                 gem = sum(int(((m.scores > 0.5) & m.alive.bool()).sum()) for m in score_masks)
                 reg = config.reg_lambda * sum(float((s * s).sum()) for s in scores)
-            row = {"phase": "search", "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss,
-                   "reg_loss": reg, "train_acc": stats.accuracy, "density": alive / total,
-                   "density_gem": gem / total, "freeze_event": int(epoch in schedule)}
+            row = {"reg_loss": reg, "density": alive / total, "density_gem": gem / total,
+                   "freeze_event": int(epoch in schedule)}
             if test is not None:
                 if recalibration is not None:  # training uses batch statistics: this changes no step
                     recalibrate_batchnorm(net, recalibration, self.bn_recalibration_batches)
                 row["test_acc"] = evaluate(net, test).accuracy
-            row["seconds"] = time.perf_counter() - start
-            history.append(row)
-            if log is not None:
-                log(row)
+            return row
 
+        setup_seconds = time.perf_counter() - start
+        state = {"net": net, "optimizer": optimizer, **({"scheduler": scheduler} if scheduler else {}),
+                 **stateful_streams(train=train, recalibration=recalibration)}
+        history = fit(distributed.wrap(net), train, optimizer, scheduler, config.epochs, phase="search",
+                      end_of_epoch=end_of_epoch, after_step=clamp_scores, log=log, checkpoint=checkpoint,
+                      state=state, progress=self.progress)
+        seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         pairs = list(zip(names, score_masks, strict=True))
         alive_masks = {name: m.alive.bool() for name, m in pairs}
         gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in pairs}
-        seconds = time.perf_counter() - start
         extra = {"search_epochs": config.epochs, "freeze_period": config.freeze_period,
                  "reg_lambda": config.reg_lambda}
         gem = self.make_ticket(model, gem_masks, mask="gem", **extra)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.masking import weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
@@ -57,7 +58,8 @@ class RandomTicket(PruningMethod):
     Config = RandomConfig
 
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None) -> SearchResult:
+               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+               checkpoint: Checkpointer | None = None) -> SearchResult:
         shapes = {name: w.shape for name, w in weights(model, self.prunable(model)).items()}
         if self.config.like_ticket:
             from gemminer.ticket import Ticket

@@ -1,0 +1,154 @@
+"""Checkpoints: the complete state of a run, written atomically with a checksum.
+
+File format: one header line ``GEMMINER-CHECKPOINT 1 <sha256 of the rest>`` followed by
+a `torch.save` payload of tensors and plain containers only, read back with
+``torch.load(weights_only=True)`` — loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import random
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gemminer.errors import GemminerError
+
+MAGIC = b"GEMMINER-CHECKPOINT 1 "
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written and the run should exit."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def write_bytes_atomic(path: Path, payload: bytes, what: str) -> None:
+    """Write to a temporary file and rename; on failure the previous file is untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        kept = f"; the previous {what} {path} is intact" if path.exists() else ""
+        raise GemminerError(f"cannot write {what} {path}: {reason}{kept}") from err
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    write_bytes_atomic(Path(path), header + payload, "checkpoint")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify a checkpoint; a corrupt or truncated file is a clear error."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise GemminerError(f"cannot read checkpoint {path}: {err.strerror}") from err
+    newline = raw.find(b"\n")
+    if not raw.startswith(MAGIC) or newline < 0:
+        raise GemminerError(f"{path} is not a gemminer checkpoint")
+    expected, payload = raw[len(MAGIC):newline].decode(errors="replace"), raw[newline + 1:]
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise GemminerError(f"checkpoint {path} is corrupt or truncated (checksum mismatch); "
+                            "delete it to restart the run, or use --force")
+    return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's global generator states, as weights_only-safe values."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+class Checkpointer:
+    """Saves and restores a run's state at epoch ends, freezing events and on a stop request.
+
+    The pipeline owns one per run; training loops hand it their stateful objects
+    (anything with state_dict / load_state_dict) under a phase name.
+    """
+
+    def __init__(self, path: Path, every_epochs: int = 1, stop: StopFlag | None = None,
+                 is_writer: bool = True, barrier: Callable[[], None] | None = None) -> None:
+        self.path, self.every_epochs, self.stop = path, every_epochs, stop
+        self.is_writer, self.barrier = is_writer, barrier
+        self.state: dict[str, Any] = load_checkpoint(path) if path.is_file() else {}
+        self.pipeline: dict[str, Any] = self.state.get("pipeline", {})
+
+    def phase_state(self, phase: str) -> dict[str, Any] | None:
+        """The saved loop state of `phase`, if the run stopped inside it."""
+        loop = self.state.get("loop")
+        return loop if loop and loop["phase"] == phase else None
+
+    def save(self, loop: dict[str, Any] | None, objects: dict[str, Any] | None = None) -> None:
+        state = {"pipeline": self.pipeline, "rng": rng_state(), "loop": loop,
+                 "objects": {name: obj.state_dict() for name, obj in (objects or {}).items()}}
+        self.state = state
+        if self.is_writer:
+            save_checkpoint(self.path, state)
+        if self.barrier is not None:
+            self.barrier()
+
+    def restore_objects(self, objects: dict[str, Any]) -> None:
+        for name, obj in objects.items():
+            obj.load_state_dict(self.state["objects"][name])
+        set_rng_state(self.state["rng"])
+
+    def stop_requested(self) -> str | None:
+        return self.stop.signal_name if self.stop is not None else None
