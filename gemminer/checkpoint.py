@@ -65,8 +65,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise GemminerError(f"cannot read checkpoint {path}: {err.strerror}") from err
     newline = raw.find(b"\n")
-    if not raw.startswith(MAGIC) or newline < 0:
+    if not raw.startswith(MAGIC[:len(raw)]) or (raw.startswith(MAGIC) is False and len(raw) >= len(MAGIC)):
         raise GemminerError(f"{path} is not a gemminer checkpoint")
+    if newline < 0:
+        raise GemminerError(f"checkpoint {path} is corrupt or truncated (incomplete header)")
     expected, payload = raw[len(MAGIC):newline].decode(errors="replace"), raw[newline + 1:]
     if hashlib.sha256(payload).hexdigest() != expected:
         raise GemminerError(f"checkpoint {path} is corrupt or truncated (checksum mismatch); "
