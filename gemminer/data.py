@@ -132,7 +132,7 @@ def load_mnist1d(data_dir: Path | None = None, num_samples: int = 5000) -> Datas
     else:
         x, y, x_test, y_test = _make_mnist1d(num_samples)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # processes may build it at once
         np.savez(tmp, x=x, y=y, x_test=x_test, y_test=y_test)
         os.replace(tmp, cache)
     to_tensors = lambda xs, ys: TensorData(torch.from_numpy(xs).unsqueeze(1), torch.from_numpy(ys))  # noqa: E731

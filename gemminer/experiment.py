@@ -26,7 +26,7 @@ from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
 from gemminer.runs import RunFolder
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket, read_safetensors
-from gemminer.train import masked_accuracy, resolve_device
+from gemminer.train import Diverged, masked_accuracy, resolve_device
 
 
 @dataclass
@@ -115,7 +115,12 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
                 where = f"{loop['phase']} epoch {loop['epoch'] + 1}{step}"
             if distributed.is_main():
                 print(f"resuming the unfinished run in {out} from {where}", file=sys.stderr)
-        summary = _mine_phases(config, run, folder, checkpoint, progress)
+        try:
+            summary = _mine_phases(config, run, folder, checkpoint, progress)
+        except Diverged as err:
+            kept = folder.file("checkpoint.pt")
+            message = f"{err}; the last good checkpoint is kept in {kept}" if kept.exists() else str(err)
+            raise Diverged(message) from None
     folder.file("checkpoint.pt").unlink(missing_ok=True) if distributed.is_main() else None
     return summary
 

@@ -118,8 +118,8 @@ def test_corrupt_ticket_is_detected(uninterrupted, tmp_path):
 
 def test_divergence_stops_with_a_clear_error(tmp_path, data_dir, capsys):
     out = tmp_path / "nan"
-    flags = ["--method", "dense", "--model", "mlp", "--finetune-lr", "1e6", "--finetune-epochs", "2", "--model-width", "8",
-             "--data-num-samples", "500", "--data-dir", data_dir, "--quiet"]
+    flags = ["--method", "dense", "--model", "mlp", "--finetune-lr", "1e6", "--finetune-epochs", "2",
+             "--model-width", "8", "--data-num-samples", "500", "--data-dir", data_dir, "--quiet"]
     assert main(["mine", "--out", str(out), *flags]) == 2
     assert "diverged" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
@@ -135,7 +135,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(GemminerError, match="disk is full.*previous checkpoint .* is intact"):
+    with pytest.raises(GemminerError, match=r"disk is full.*previous checkpoint .* is intact"):
         save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
