@@ -235,6 +235,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = config_of_ticket(ticket, {key: value for key, value in overrides.items() if key != "search"})
     summary = finetune_saved(config, ticket, init, args.out, force=args.force, strict=args.strict,
                              progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     _print_summary(summary)
     print(f"run folder: {args.out}")
     return 0
@@ -248,7 +250,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = [_number(s, "seed", int) for s in args.seeds.split(",")]
     table = compare(_overrides(args), methods, densities, seeds, args.out, dense=not args.no_dense,
                     force=args.force, progress=not args.quiet)
-    print(table)
+    if distributed.is_main():
+        print(table)
     return 0
 
 

@@ -6,6 +6,8 @@ import copy
 import json
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +84,13 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
     return Setup(config, device, dataset, model.to(device))
 
 
-def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True,
-         resume: bool = True) -> dict[str, Any]:
-    """Search, evaluate at init, fine-tune; write the run folder. Returns the summary.
-
-    An unfinished run in `out` is resumed from its checkpoint when its config matches
-    (`force` starts it over); a finished one is refused unless `force`.
-    """
-    run = setup(config)
+@contextmanager
+def run_session(config: RunConfig, run: Setup, out: str | Path, force: bool, resume: bool = True,
+                initial_files: Callable[[RunFolder], None] | None = None
+                ) -> Iterator[tuple[RunFolder, Checkpointer]]:
+    """Open a run folder for training: refuse a finished run unless `force`; resume an
+    unfinished one when its config matches; catch SIGINT/SIGTERM; drop the checkpoint
+    when the body finishes. `initial_files` writes what a fresh run starts with."""
     folder = RunFolder(out, writer=distributed.is_main())
     if folder.finished and not force:
         raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
@@ -98,17 +99,17 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
         folder.check_same_config(config)
     else:
         folder.start(config, force=force)  # after setup: bad input leaves no folder behind
-        folder.write_state(run.model.state_dict(), "init.safetensors")
+        if initial_files is not None:
+            initial_files(folder)
     distributed.barrier()
     with StopFlag() as stop:
         checkpoint = Checkpointer(folder.file("checkpoint.pt"), config.checkpoint_every, stop,
                                   is_writer=distributed.is_main(), barrier=distributed.barrier)
         distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
-        pipeline = checkpoint.pipeline
-        pipeline.setdefault("rows", [])
+        checkpoint.pipeline.setdefault("rows", [])
         if resuming:
             loop = checkpoint.state.get("loop") or {}
-            folder.rewrite_metrics(pipeline["rows"] + loop.get("history", []))
+            folder.rewrite_metrics(checkpoint.pipeline["rows"] + loop.get("history", []))
             where = "the last completed phase"
             if loop:
                 step = f", step {loop['partial']['steps']}" if loop.get("partial") else ""
@@ -116,13 +117,26 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
             if distributed.is_main():
                 print(f"resuming the unfinished run in {out} from {where}", file=sys.stderr)
         try:
-            summary = _mine_phases(config, run, folder, checkpoint, progress)
+            yield folder, checkpoint
         except Diverged as err:
             kept = folder.file("checkpoint.pt")
             message = f"{err}; the last good checkpoint is kept in {kept}" if kept.exists() else str(err)
             raise Diverged(message) from None
-    folder.file("checkpoint.pt").unlink(missing_ok=True) if distributed.is_main() else None
-    return summary
+    if distributed.is_main():
+        folder.file("checkpoint.pt").unlink(missing_ok=True)
+
+
+def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True,
+         resume: bool = True) -> dict[str, Any]:
+    """Search, evaluate at init, fine-tune; write the run folder. Returns the summary.
+
+    An unfinished run in `out` is resumed from its checkpoint when its config matches
+    (`force` starts it over); a finished one is refused unless `force`.
+    """
+    run = setup(config)
+    init_files = lambda folder: folder.write_state(run.model.state_dict(), "init.safetensors")  # noqa: E731
+    with run_session(config, run, out, force, resume, init_files) as (folder, checkpoint):
+        return _mine_phases(config, run, folder, checkpoint, progress)
 
 
 def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: Checkpointer,
@@ -227,21 +241,25 @@ def evaluate_at_init(config: RunConfig, ticket: Ticket, gem: Ticket | None, init
 
 def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tensor] | None, out: str | Path,
                    force: bool = False, strict: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune a saved ticket into a new run folder. Without `init`, the weights are
-    drawn from the config's seed and init scheme (a warning says if they differ)."""
-    folder = RunFolder(out)
+    """Fine-tune a saved ticket into a new run folder (resumable like `mine`). Without
+    `init`, the weights are drawn from the config's seed and init scheme (a warning
+    says if they differ from the ticket's)."""
     run = setup(config, init_state=init)
     ticket.check(run.model, strict_init=strict)
-    folder.start(config, force=force)
-    folder.write_state(run.model.state_dict(), "init.safetensors")
-    folder.write_ticket(ticket, "ticket.safetensors")
-    acc_ticket = run.at_init_accuracy(ticket)
-    history, seconds = train_ticket(run, ticket, folder, progress)
-    summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,
-               "model": config.model.name, "seed": config.seed,
-               "density_target": ticket.metadata.get("density_target"), "density_actual": ticket.density,
-               "acc_ticket_at_init": acc_ticket,
-               "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
-               "finetune_epochs": len(history), "finetune_seconds": seconds, "device": str(run.device)}
-    folder.finish(summary)
+
+    def initial_files(folder: RunFolder) -> None:
+        folder.write_state(run.model.state_dict(), "init.safetensors")
+        folder.write_ticket(ticket, "ticket.safetensors")
+
+    with run_session(config, run, out, force, True, initial_files) as (folder, checkpoint):
+        acc_ticket = run.at_init_accuracy(ticket)
+        history, seconds = train_ticket(run, ticket, folder, progress, checkpoint)
+        summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,
+                   "model": config.model.name, "seed": config.seed,
+                   "density_target": ticket.metadata.get("density_target"), "density_actual": ticket.density,
+                   "acc_ticket_at_init": acc_ticket,
+                   "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
+                   "finetune_epochs": len(history), "finetune_seconds": seconds, "device": str(run.device),
+                   "processes": distributed.world_size()}
+        folder.finish(summary)
     return summary

@@ -63,13 +63,22 @@ class EpochProgress:
     samples: int
 
     def as_state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.cpu(),
-                "samples": self.samples}
+        """The sums over all ranks (rank 0 carries them on resume; the others restart at 0)."""
+        totals = torch.stack([self.loss_sum.detach().double(), self.correct.double(),
+                              torch.tensor(float(self.samples), dtype=torch.float64, device=self.loss_sum.device)])
+        if distributed.active():
+            totals = distributed.all_reduce_sum(totals.clone())
+        loss_sum, correct, samples = totals.cpu()
+        return {"steps": self.steps, "loss_sum": loss_sum.to(self.loss_sum.dtype), "correct": correct.long(),
+                "samples": int(samples)}
 
     @classmethod
     def start(cls, device: torch.device, state: dict[str, Any] | None = None) -> EpochProgress:
+        zero_loss, zero_correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
         if state is None:
-            return cls(0, torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0)
+            return cls(0, zero_loss, zero_correct, 0)
+        if distributed.rank() != 0:
+            return cls(state["steps"], zero_loss, zero_correct, 0)
         return cls(state["steps"], state["loss_sum"].to(device), state["correct"].to(device), state["samples"])
 
 

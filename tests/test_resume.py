@@ -140,3 +140,23 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_layer_collapse_warns_and_is_recorded(tmp_path, data_dir):
+    import json
+
+    from gemminer.config import resolve
+    from gemminer.experiment import LayerCollapse, mine, setup
+    from gemminer.methods.random import RandomTicket
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(data_dir, method="random")
+    overrides["search"] = {}
+    reference = RandomTicket(0.3).find(setup(resolve(overrides)).model, [])
+    first = next(iter(reference.masks))
+    reference.masks[first][:] = False  # the first layer keeps nothing
+    reference.save(tmp_path / "collapsed.safetensors")
+    overrides["search"] = {"like_ticket": str(tmp_path / "collapsed.safetensors")}
+    with pytest.warns(LayerCollapse, match=first):
+        mine(resolve(overrides), tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["layer_collapse"] == [first]
