@@ -17,7 +17,7 @@ from torch import nn
 
 from gemminer import __version__, distributed
 from gemminer.checkpoint import Checkpointer, StopFlag
-from gemminer.config import RunConfig, resolve, to_dict
+from gemminer.config import RunConfig, load_yaml, merge, resolve, to_dict
 from gemminer.data import Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
@@ -85,7 +85,7 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
 
 
 @contextmanager
-def run_session(config: RunConfig, run: Setup, out: str | Path, force: bool, resume: bool = True,
+def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = True,
                 initial_files: Callable[[RunFolder], None] | None = None
                 ) -> Iterator[tuple[RunFolder, Checkpointer]]:
     """Open a run folder for training: refuse a finished run unless `force`; resume an
@@ -135,7 +135,7 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
     """
     run = setup(config)
     init_files = lambda folder: folder.write_state(run.model.state_dict(), "init.safetensors")  # noqa: E731
-    with run_session(config, run, out, force, resume, init_files) as (folder, checkpoint):
+    with run_session(config, out, force, resume, init_files) as (folder, checkpoint):
         return _mine_phases(config, run, folder, checkpoint, progress)
 
 
@@ -165,8 +165,7 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         warnings.warn(f"layer collapse: no weight left in {', '.join(collapsed)}", LayerCollapse, stacklevel=2)
 
     acc_before = run.at_init_accuracy(gem)
-    acc_ticket = acc_before if gem.masks.keys() == ticket.masks.keys() and all(
-        torch.equal(gem.masks[n], ticket.masks[n]) for n in ticket.masks) else run.at_init_accuracy(ticket)
+    acc_ticket = acc_before if gem.same_masks(ticket) else run.at_init_accuracy(ticket)
     history, finetune_seconds = train_ticket(run, ticket, folder, progress, checkpoint)
     summary = {
         "method": config.method, "data": config.data.name, "model": config.model.name, "seed": config.seed,
@@ -202,8 +201,6 @@ def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool,
 
 def config_of_ticket(ticket: Ticket, overrides: dict[str, Any]) -> RunConfig:
     """The run config a ticket was found under (from its metadata), with `overrides`."""
-    from gemminer.config import merge
-
     saved = ticket.metadata.get("run_config")
     base = json.loads(saved) if isinstance(saved, str) else (saved or {})
     if not base:
@@ -218,8 +215,6 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Ticket, Ticket, dict[str, 
     folder = RunFolder(run_dir)
     if not folder.file("config.yaml").is_file():
         raise GemminerError(f"{run_dir} is not a run folder (no config.yaml)")
-    from gemminer.config import load_yaml
-
     config = resolve(load_yaml(str(folder.file("config.yaml"))))
     ticket = Ticket.load(folder.file("ticket.safetensors"))
     gem = Ticket.load(folder.file("gem.safetensors")) if folder.file("gem.safetensors").is_file() else ticket
@@ -251,7 +246,7 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
         folder.write_state(run.model.state_dict(), "init.safetensors")
         folder.write_ticket(ticket, "ticket.safetensors")
 
-    with run_session(config, run, out, force, True, initial_files) as (folder, checkpoint):
+    with run_session(config, out, force, True, initial_files) as (folder, checkpoint):
         acc_ticket = run.at_init_accuracy(ticket)
         history, seconds = train_ticket(run, ticket, folder, progress, checkpoint)
         summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,

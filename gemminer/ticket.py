@@ -75,6 +75,10 @@ class Ticket:
         """Fraction of prunable weights that remain (sparsity = 1 - density)."""
         return self.remaining / self.total
 
+    def same_masks(self, other: Ticket) -> bool:
+        return self.masks.keys() == other.masks.keys() and all(
+            torch.equal(mask, other.masks[name]) for name, mask in self.masks.items())
+
     def layers(self) -> list[LayerDensity]:
         return [
             LayerDensity(name, tuple(mask.shape), mask.numel(), int(mask.sum())) for name, mask in self.masks.items()
