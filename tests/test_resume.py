@@ -26,6 +26,10 @@ def mine_command(out: Path, data_dir: str) -> list[str]:
     return [sys.executable, "-m", "gemminer", "mine", "--out", str(out), *RUN_FLAGS, "--data-dir", data_dir]
 
 
+# one thread per process: the suite shares two cores with the test runner (and, on a busy machine, more)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def metrics_without_clock(path: Path) -> list[dict]:
     with open(path) as handle:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
@@ -41,13 +45,14 @@ def search_rows(path: Path) -> int:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("resume") / "reference"
-    subprocess.run(mine_command(out, data_dir), check=True, capture_output=True)
+    subprocess.run(mine_command(out, data_dir), check=True, capture_output=True, env=ENV)
     return out
 
 
 def test_sigkill_mid_search_then_resume_gives_the_same_ticket(uninterrupted, tmp_path, data_dir):
     out = tmp_path / "killed"
-    process = subprocess.Popen(mine_command(out, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(mine_command(out, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=ENV)
     deadline = time.monotonic() + 120
     while search_rows(out / "metrics.csv") < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -57,7 +62,7 @@ def test_sigkill_mid_search_then_resume_gives_the_same_ticket(uninterrupted, tmp
     assert not (out / "summary.json").exists()
     assert 3 <= search_rows(out / "metrics.csv") < 8
 
-    resumed = subprocess.run(mine_command(out, data_dir), capture_output=True, text=True)
+    resumed = subprocess.run(mine_command(out, data_dir), capture_output=True, text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming the unfinished run" in resumed.stderr
     first, second = Ticket.load(uninterrupted / "ticket.safetensors"), Ticket.load(out / "ticket.safetensors")
@@ -69,14 +74,14 @@ def test_sigkill_mid_search_then_resume_gives_the_same_ticket(uninterrupted, tmp
 def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(uninterrupted, tmp_path, data_dir):
     out = tmp_path / "stopped"
     process = subprocess.Popen(mine_command(out, data_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, env=ENV)
     while search_rows(out / "metrics.csv") < 2 and process.poll() is None:
         time.sleep(0.005)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate()
     assert process.returncode == 143 and "run the same command again to resume" in stderr
     assert (out / "checkpoint.pt").is_file()
-    assert subprocess.run(mine_command(out, data_dir), capture_output=True).returncode == 0
+    assert subprocess.run(mine_command(out, data_dir), capture_output=True, env=ENV).returncode == 0
     assert metrics_without_clock(out / "metrics.csv") == metrics_without_clock(uninterrupted / "metrics.csv")
 
 
