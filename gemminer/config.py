@@ -60,6 +60,7 @@ class RunConfig:
     bn_recalibration_batches: int = field(
         default=20, metadata={"help": "training batches to recompute BatchNorm statistics before an at-init "
                                       "accuracy (0: off)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log metrics to TensorBoard (needs tensorboard)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     search: Any = None  # the method's own config dataclass, filled in by `resolve`

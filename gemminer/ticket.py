@@ -78,14 +78,23 @@ class Ticket:
             LayerDensity(name, tuple(mask.shape), mask.numel(), int(mask.sum())) for name, mask in self.masks.items()
         ]
 
-    def layer_report(self) -> str:
-        """A per-layer table: name, shape, parameters, remaining, density."""
-        rows = [("layer", "shape", "params", "remaining", "density")]
+    def layer_report(self, macs: dict[str, int] | None = None) -> str:
+        """A per-layer table: name, shape, parameters, remaining, density; with `macs`
+        (dense multiply-accumulates per weight name, `gemminer.report.layer_macs`) also
+        the MACs that remain (dense MACs x layer density)."""
+        header = ["layer", "shape", "params", "remaining", "density"] + (["MACs", "MACs remaining"] if macs else [])
+        rows, macs_total, macs_left = [header], 0, 0
         for layer in self.layers():
-            shape = "x".join(map(str, layer.shape))
-            rows.append((layer.name, shape, str(layer.parameters), str(layer.remaining), f"{layer.density:.4f}"))
-        rows.append(("total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            row = [layer.name, "x".join(map(str, layer.shape)), str(layer.parameters), str(layer.remaining),
+                   f"{layer.density:.4f}"]
+            if macs:
+                left = macs[layer.name] * layer.remaining // layer.parameters  # exact: MACs = params x positions
+                macs_total, macs_left = macs_total + macs[layer.name], macs_left + left
+                row += [str(macs[layer.name]), str(left)]
+            rows.append(row)
+        rows.append(["total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"]
+                    + ([str(macs_total), str(macs_left)] if macs else []))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
                            for column, (cell, width) in enumerate(zip(row, widths, strict=True)))
                  for row in rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -13,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from gemminer.errors import GemminerError
-from gemminer.init import init_hash
+from gemminer.init import WEIGHT_INITS, init_hash, initialize_weights
 from gemminer.masking import prunable_names
+from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket
 from gemminer.train import Batch, resolve_device
 
@@ -30,6 +32,8 @@ class SearchResult:
     ticket. epochs: training epochs spent finding the ticket (the cost claim).
     network: the searched copy of the model where the method trains one (for Gem-Miner,
     with its score parametrizations still attached), else None.
+    init_state: the state dict the ticket was found on when the method re-drew the
+    weights (``init`` other than "keep"); None when they were the model's own.
     """
 
     ticket: Ticket
@@ -38,6 +42,7 @@ class SearchResult:
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     network: nn.Module | None = None
+    init_state: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -52,7 +57,11 @@ class PruningMethod(ABC):
     """A method finds a Ticket for a model from training data.
 
     Subclasses set `name` and `Config` (a dataclass of their options) and implement
-    `search`. `find` never changes the model it is given.
+    `search` on the model they are handed. `find` and `search` never change the
+    caller's model: with ``init="keep"`` (default) its own weights are the initial
+    weights; with ``"signed_constant"`` or ``"kaiming_normal"`` a copy is re-drawn from
+    `seed` first (the same draw as `initialize`), and `SearchResult.init_state` holds it.
+    The base class wraps every subclass's `search` to do this, so no method repeats it.
     """
 
     name: ClassVar[str]
@@ -60,9 +69,11 @@ class PruningMethod(ABC):
 
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
-                 bn_recalibration_batches: int = 20, **options: Any) -> None:
+                 bn_recalibration_batches: int = 20, init: str = "keep", **options: Any) -> None:
         if not 0 < density <= 1:
             raise GemminerError(f"density must be in (0, 1], got {density}")
+        if init not in WEIGHT_INITS:
+            raise GemminerError(f"unknown init {init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         config = copy.deepcopy(config) if config is not None else self.Config()
         if options:
             config = dataclasses.replace(config, **options)
@@ -71,10 +82,23 @@ class PruningMethod(ABC):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.prune_first, self.prune_last, self.progress = prune_first, prune_last, progress
         self.bn_recalibration_batches = bn_recalibration_batches
+        self.init = init
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "search" in cls.__dict__ and not getattr(cls.__dict__["search"], "__isabstractmethod__", False):
+            cls.search = _on_initial_weights(cls.__dict__["search"])
 
     def find(self, model: nn.Module, train: Iterable[Batch]) -> Ticket:
-        """The ticket for `model` (whose current weights are the initial weights)."""
+        """The ticket for `model` (its own weights, or re-drawn ones per `init`)."""
         return self.search(model, train).ticket
+
+    @torch.no_grad()
+    def initialize(self, model: nn.Module) -> nn.Module:
+        """Re-draw `model`'s prunable weights in place as this method's `init` and `seed`
+        say: the weights a ticket found with ``init != "keep"`` belongs to."""
+        initialize_weights(model, self.prunable(model), self.init, make_generator(self.seed, "weights"))
+        return model
 
     @abstractmethod
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
@@ -95,3 +119,18 @@ class PruningMethod(ABC):
         metadata = {"method": self.name, "density_target": self.density, "seed": self.seed,
                     "init_hash": init_hash(model), **extra}
         return Ticket({name: mask.detach().to("cpu").bool() for name, mask in masks.items()}, metadata)
+
+
+def _on_initial_weights(search: Callable[..., SearchResult]) -> Callable[..., SearchResult]:
+    """Run a method's `search` on a re-drawn copy of the model when `init` asks for one."""
+
+    @functools.wraps(search)
+    def wrapped(self: PruningMethod, model: nn.Module, *args: Any, **kwargs: Any) -> SearchResult:
+        if self.init == "keep":
+            return search(self, model, *args, **kwargs)
+        initial = self.initialize(copy.deepcopy(model))
+        result = search(self, initial, *args, **kwargs)
+        result.init_state = {name: tensor.detach().clone() for name, tensor in initial.state_dict().items()}
+        return result
+
+    return wrapped
