@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemminer.errors import GemminerError
@@ -128,7 +127,15 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = dense.shape[1], dense.shape[0]
 
     def forward(self, inputs: Tensor) -> Tensor:
-        return F.linear(inputs, self.weight, self.bias)
+        # W @ x^T with x^T contiguous is the fast CSR x dense kernel (several times faster
+        # than F.linear(x, W_csr) on CPU). The result is returned as a transposed view, so
+        # the next SparseLinear's x^T is contiguous already and costs no copy.
+        columns = inputs.reshape(-1, self.in_features).T.contiguous()
+        if self.bias is None:
+            out = torch.mm(self.weight, columns)
+        else:
+            out = torch.addmm(self.bias[:, None], self.weight, columns)
+        return out.T.reshape(*inputs.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight.values().numel()}"
