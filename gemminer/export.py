@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gemminer.errors import GemminerError
 from gemminer.models import build_model
-from gemminer.ticket import Ticket, read_safetensors, save_state
+from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
 EXPORT_FORMATS = ("dense", "sparse")
 SPARSE_FORMAT = "gemminer-sparse-csr-1"
@@ -80,12 +80,7 @@ def save_export(state: dict[str, Tensor], ticket: Ticket, path: str | os.PathLik
 def read_export(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The dense state dict of an exported file (sparse or dense) and its header."""
     tensors, header = read_safetensors(path, what="exported model")
-    metadata: dict[str, Any] = {}
-    for key, value in header.items():
-        try:
-            metadata[key] = json.loads(value)
-        except json.JSONDecodeError:
-            metadata[key] = value
+    metadata = decode_header(header)
     if metadata.get("format") == "dense":
         return tensors, metadata
     if metadata.get("format") != SPARSE_FORMAT:

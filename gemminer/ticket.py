@@ -7,6 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -145,14 +146,9 @@ class Ticket:
         masks, header = read_safetensors(path, what="ticket")
         if header.get("format_version") != FORMAT_VERSION:
             raise GemminerError(f"{path} is not a gemminer ticket (format_version {header.get('format_version')!r})")
-        metadata: dict[str, object] = {}
-        for key, value in header.items():
-            try:
-                metadata[key] = json.loads(value)
-            except json.JSONDecodeError:
-                metadata[key] = value
-            if key in ("init_hash", "model", "method", "data", "format_version", "mask"):
-                metadata[key] = value  # always strings, even when they look like numbers
+        # these are always strings, even when they look like numbers
+        metadata = decode_header(header, keep_strings=("init_hash", "model", "method", "data", "format_version",
+                                                       "mask"))
         names = metadata.pop("names", None)
         if isinstance(names, list) and sorted(names) == sorted(masks):
             masks = {name: masks[name] for name in names}
@@ -171,6 +167,17 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tens
     except (SafetensorError, OSError, ValueError) as err:
         raise GemminerError(f"cannot read {what} file {path}: {err}") from err
     return tensors, header
+
+
+def decode_header(header: dict[str, str], keep_strings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A safetensors header's values parsed as JSON where they are JSON, else kept as strings."""
+    metadata: dict[str, Any] = {}
+    for key, value in header.items():
+        try:
+            metadata[key] = value if key in keep_strings else json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return metadata
 
 
 def save_state(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
