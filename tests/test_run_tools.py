@@ -100,3 +100,13 @@ def test_tensorboard_logs_when_installed(tmp_path, data_dir):
     out = tmp_path / "tb"
     mine(resolve(tiny_overrides(data_dir, tensorboard=True)), out, progress=False)
     assert any((out / "tensorboard").iterdir())
+
+
+def test_collapsed_layer_is_flagged_in_table_and_chart(tmp_path, capsys):
+    from gemminer.ticket import Ticket
+
+    ticket = Ticket({"a.weight": torch.ones(4, 3, dtype=torch.bool), "b.weight": torch.zeros(2, 4, dtype=torch.bool)})
+    ticket.save(tmp_path / "t.safetensors")
+    assert main(["report", str(tmp_path / "t.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: layer collapse" in out and (tmp_path / "t-density.png").is_file()
