@@ -64,7 +64,7 @@ class RunFolder:
             handle.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
             for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("epoch",):
+                if isinstance(value, (int, float)) and key != "epoch":
                     self.tensorboard.add_scalar(f"{row.get('phase', 'run')}/{key}", value, row.get("epoch", 0))
         path = self.file("metrics.csv")
         new = not path.exists()
