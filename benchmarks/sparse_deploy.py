@@ -12,6 +12,7 @@ matmuls; convolutions stay dense: PyTorch has no sparse convolution on CPU). Fin
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -38,15 +39,19 @@ def make_run(out: Path, model: str, density: float) -> Path:
 
 
 @torch.no_grad()
-def median_ms(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> float:
+def paired_median_ms(first: torch.nn.Module, second: torch.nn.Module, batch: torch.Tensor,
+                     repeats: int) -> tuple[float, float]:
+    """Median ms per forward pass of each model, the two timed alternately so that load
+    from other processes on a shared machine hits both alike."""
     for _ in range(10):
-        model(batch)
-    times = []
+        first(batch), second(batch)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(batch)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for model, record in zip((first, second), times, strict=True):
+            start = time.perf_counter()
+            model(batch)
+            record.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
 
 
 @torch.no_grad()
@@ -64,7 +69,8 @@ def main() -> None:
     from gemminer.data import load_dataset
 
     test = load_dataset("mnist1d").test
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} forward passes\n")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} forward passes each, "
+          f"dense and sparse alternating; load average {os.getloadavg()[0]:.1f}\n")
     print("| model | density | dense file (KB) | sparse file (KB) | size ratio | batch | dense ms | sparse ms "
           "| speed-up | test acc. dense / sparse |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -77,7 +83,7 @@ def main() -> None:
             accuracies = f"{accuracy(dense, test.x, test.y):.3f} / {accuracy(sparse, test.x, test.y):.3f}"
             for batch_size in (1, 256):
                 batch = test.x[:batch_size]
-                dense_ms, sparse_ms = median_ms(dense, batch, args.repeats), median_ms(sparse, batch, args.repeats)
+                dense_ms, sparse_ms = paired_median_ms(dense, sparse, batch, args.repeats)
                 print(f"| {model_name} | {density:.2f} | {sizes[0]:.1f} | {sizes[1]:.1f} | {sizes[0] / sizes[1]:.1f}x "
                       f"| {batch_size} | {dense_ms:.3f} | {sparse_ms:.3f} | {dense_ms / sparse_ms:.2f}x "
                       f"| {accuracies} |", flush=True)
