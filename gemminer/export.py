@@ -45,7 +45,7 @@ def masked_state(state: dict[str, Tensor], ticket: Ticket) -> dict[str, Tensor]:
 
 def to_csr_parts(weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """CSR parts of `weight` at the positions `mask` keeps (int32 indices, row-major)."""
-    rows = mask.reshape(mask.shape[0], -1)
+    rows = mask.to("cpu").reshape(mask.shape[0], -1)
     crow = torch.zeros(rows.shape[0] + 1, dtype=torch.int64)
     crow[1:] = rows.sum(1).cumsum(0)
     if crow[-1] >= 2**31:
@@ -110,16 +110,26 @@ def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int])
 
 
 class SparseLinear(nn.Module):
-    """nn.Linear with a CSR weight: the multiply skips the pruned weights."""
+    """nn.Linear with a CSR weight: the multiply skips the pruned weights.
+
+    The CSR parts are buffers, so `.to()`, `deepcopy` and `state_dict` work (a CSR
+    tensor itself cannot be deep-copied); the CSR view over them costs ~2 us per call.
+    """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         dense = weight.detach()
-        rows = dense != 0
-        parts = to_csr_parts(dense, rows)
-        self.weight = csr_matrix(parts["crow"], parts["col"], parts["values"], tuple(dense.shape))
-        self.bias = None if bias is None else bias.detach().clone()
-        self.in_features, self.out_features = dense.shape[1], dense.shape[0]
+        for part, tensor in to_csr_parts(dense, dense != 0).items():
+            self.register_buffer(part, tensor.to(dense.device))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.out_features, self.in_features = dense.shape
+
+    @property
+    def weight(self) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features),
+                                           check_invariants=False)  # checked when the parts were made
 
     def forward(self, inputs: Tensor) -> Tensor:
         # W @ x^T with x^T contiguous is the fast CSR x dense kernel (several times faster
@@ -133,7 +143,7 @@ class SparseLinear(nn.Module):
         return out.T.reshape(*inputs.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.weight.values().numel()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}"
 
 
 def sparse_linear(model: nn.Module) -> nn.Module:

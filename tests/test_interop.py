@@ -66,6 +66,7 @@ def test_sparse_export_outputs_equal_the_masked_dense_model(name, density, tmp_p
         csr = sparse_linear(rebuilt)
         assert any(type(m).__name__ == "SparseLinear" for m in csr.modules())
         torch.testing.assert_close(csr(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(copy.deepcopy(csr).to("cpu")(x), expected, rtol=1e-5, atol=1e-5)
     if density < 0.1:
         assert (tmp_path / "s.safetensors").stat().st_size < (tmp_path / "d.safetensors").stat().st_size
 
