@@ -112,24 +112,37 @@ def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int])
 class SparseLinear(nn.Module):
     """nn.Linear with a CSR weight: the multiply skips the pruned weights.
 
-    The CSR parts are buffers, so `.to()`, `deepcopy` and `state_dict` work (a CSR
-    tensor itself cannot be deep-copied); the CSR view over them costs ~2 us per call.
+    The CSR parts are buffers, so `.to()` and `state_dict` work; the CSR tensor over them
+    is cached (rebuilt after `.to()` and the like) and left out of copies, since PyTorch
+    cannot deep-copy a CSR tensor.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         dense = weight.detach()
         for part, tensor in to_csr_parts(dense, dense != 0).items():
-            self.register_buffer(part, tensor.to(dense.device))
+            # int64 indices: the CPU kernel converts int32 ones on every call
+            self.register_buffer(part, tensor.to(dense.device, torch.int64 if part != "values" else tensor.dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.out_features, self.in_features = dense.shape
+        self._csr: Tensor | None = None
+        with warnings.catch_warnings():  # PyTorch warns "beta" once per process: take that warning here
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            _ = self.weight
 
     @property
     def weight(self) -> Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.out_features, self.in_features),
-                                           check_invariants=False)  # checked when the parts were made
+        if self._csr is None:  # no invariant check: to_csr_parts made the parts
+            self._csr = torch.sparse_csr_tensor(self.crow, self.col, self.values,
+                                                (self.out_features, self.in_features), check_invariants=False)
+        return self._csr
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
+        self._csr = None  # .to(), .double(), ...: the buffers are replaced, rebuild the view
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_csr": None}
 
     def forward(self, inputs: Tensor) -> Tensor:
         # W @ x^T with x^T contiguous is the fast CSR x dense kernel (several times faster
