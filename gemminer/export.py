@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gemminer.data import load_dataset
 from gemminer.errors import GemminerError
-from gemminer.models import build_model
+from gemminer.experiment import load_run
+from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
+from gemminer.runs import RunFolder
 from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
 EXPORT_FORMATS = ("dense", "sparse")
@@ -202,9 +205,6 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
 
     Default file: ``<run>/export-<weights>-<format>.safetensors``.
     """
-    from gemminer.experiment import load_run
-    from gemminer.runs import RunFolder
-
     if weights not in ("finetuned", "init"):
         raise GemminerError(f"unknown weights {weights!r}; allowed: finetuned, init")
     if export_format not in EXPORT_FORMATS:
@@ -213,13 +213,8 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
     folder = RunFolder(run_dir)
     state = init if weights == "init" else read_safetensors(folder.file("finetuned.safetensors"),
                                                             what="fine-tuned weights")[0]
-    from gemminer.data import load_dataset
-
-    dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)
-    if config.model.name is None:
-        from gemminer.models import DEFAULT_MODEL_FOR_DATA
-
-        config.model.name = DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
+    dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)  # for the input shape
+    config.model.name = config.model.name or DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
     metadata = {"model_spec": model_spec(config, dataset.input_shape, dataset.num_classes), "weights": weights,
                 "method": ticket.metadata.get("method", "unknown"), "seed": config.seed}
     out = Path(out) if out else folder.file(f"export-{weights}-{export_format}.safetensors")
