@@ -86,3 +86,16 @@ def test_round_trip_on_a_user_module_with_a_dataloader(user_data, tmp_path):
 def test_unknown_init_is_an_error():
     with pytest.raises(GemminerError, match="unknown init 'zeros'; allowed: signed_constant"):
         GemMiner(density=0.1, init="zeros")
+
+
+def test_api_redraw_is_the_cli_draw(data_dir):
+    """init="signed_constant" with seed s gives the weights `gemminer mine --seed s` starts from."""
+    from gemminer.config import resolve
+    from gemminer.experiment import setup
+    from gemminer.models import build_model
+    from tests.conftest import tiny_overrides
+
+    run = setup(resolve(tiny_overrides(data_dir, seed=3)))
+    torch.manual_seed(123)  # other layer draws: the re-draw must not depend on them
+    model = build_model("cnn1d", (1, 40), 10, width=8)
+    assert init_hash(GemMiner(density=0.1, seed=3, init="signed_constant").initialize(model)) == init_hash(run.model)
