@@ -1,4 +1,4 @@
-"""Command line: ``gemminer mine | eval | finetune | compare | report``.
+"""Command line: ``gemminer mine | eval | finetune | compare | report | export``.
 
 Flags for every config field are generated from the dataclasses (``--search-reg-lambda``,
 ``--finetune-lr``, ...); the common ones have short names (``--density``, ``--epochs``).
@@ -134,6 +134,8 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     tune.add_argument("--epochs", dest="finetune.epochs", default=None, help="fine-tuning epochs")
     _add_config_flags(tune, None, top_level=False)
     tune.add_argument("--seed", default=None, help="seed of the data order")
+    tune.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                      help="also log metrics to TensorBoard (needs tensorboard)")
     tune.add_argument("--device", default=None, help="auto | cpu | cuda")
 
     compare = commands.add_parser(
@@ -149,8 +151,17 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(compare, "gemminer")
 
-    report = commands.add_parser("report", help="per-layer density table of a ticket")
-    report.add_argument("ticket", help="ticket file or run folder")
+    report = commands.add_parser(
+        "report", help="per-layer table (shape, parameters, remaining, density, MACs remaining) and a density PNG")
+    report.add_argument("ticket", help="run folder (MACs need its config) or ticket file")
+    report.add_argument("--png", help="density chart (default: layer_density.png in the run folder, or beside "
+                                      "the ticket file)")
+
+    export = commands.add_parser("export", help="write a run's model with pruned weights 0: dense, or sparse (CSR)")
+    export.add_argument("--run", required=True, help="run folder")
+    export.add_argument("--format", default="dense", help="dense | sparse (default %(default)s)")
+    export.add_argument("--weights", default="finetuned", help="finetuned | init (default %(default)s)")
+    export.add_argument("--out", help="file (default: <run>/export-<weights>-<format>.safetensors)")
     return parser
 
 
@@ -263,16 +274,37 @@ def _number(text: str, what: str, kind: type) -> Any:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from gemminer.report import plot_layer_density
     from gemminer.ticket import Ticket
 
     path = Path(args.ticket)
-    ticket = Ticket.load(path / "ticket.safetensors" if path.is_dir() else path)
-    print(ticket.layer_report())
+    macs = None
+    if path.is_dir():
+        from gemminer.experiment import load_run, setup
+        from gemminer.report import layer_macs
+
+        config, ticket, _, init = load_run(path)
+        run = setup(config, init_state=init)
+        macs = layer_macs(run.model, run.dataset.input_shape)
+        png = Path(args.png) if args.png else path / "layer_density.png"
+    else:
+        ticket = Ticket.load(path)
+        png = Path(args.png) if args.png else path.with_name(path.stem + "-density.png")
+    print(ticket.layer_report(macs))
+    print(f"density chart: {plot_layer_density(ticket, png)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gemminer.export import export_run
+
+    path = export_run(args.run, args.format, args.weights, args.out)
+    print(f"{args.format} export of the {args.weights} weights: {path} ({path.stat().st_size} bytes)")
     return 0
 
 
 COMMANDS = {"mine": cmd_mine, "eval": cmd_eval, "finetune": cmd_finetune, "compare": cmd_compare,
-            "report": cmd_report}
+            "report": cmd_report, "export": cmd_export}
 
 
 def entry_point() -> None:

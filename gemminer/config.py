@@ -62,6 +62,7 @@ class RunConfig:
                                       "accuracy (0: off)"})
     checkpoint_every: int = field(
         default=1, metadata={"help": "epochs between checkpoints (0: only at freezing events and on SIGINT/SIGTERM)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log metrics to TensorBoard (needs tensorboard)"})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     search: Any = None  # the method's own config dataclass, filled in by `resolve`

@@ -94,6 +94,7 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
     folder = RunFolder(out, writer=distributed.is_main())
     if folder.finished and not force:
         raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
+    folder.open_tensorboard(config)  # before anything is written: a missing package is bad input
     resuming = resume and not force and folder.file("config.yaml").is_file()
     if resuming:
         folder.check_same_config(config)

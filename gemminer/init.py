@@ -48,13 +48,16 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def parameters_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unmasked parameters by their plain names (``layer.weight``), masked or not."""
+    """Unmasked parameters by their plain names (``layer.weight``), masked (parametrize or
+    torch.nn.utils.prune) or not."""
     state = {}
     for name, tensor in model.named_parameters():
         if ".parametrizations.weight." in name:
             if not name.endswith(".parametrizations.weight.original"):
                 continue  # a mask's own parameters (scores) are not weights
             name = name.replace(".parametrizations.weight.original", ".weight")
+        elif name.endswith("weight_orig"):  # torch.nn.utils.prune keeps the unpruned weight here
+            name = name.removesuffix("_orig")
         state[name] = tensor.detach()
     return state
 

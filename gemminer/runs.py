@@ -31,12 +31,20 @@ def _format_row(row: dict[str, Any]) -> dict[str, Any]:
 class RunFolder:
     """One run's folder. `summary.json` is written last: its presence means finished.
 
+    Metrics go to metrics.csv and metrics.jsonl (every key of every row), and to
+    TensorBoard event files under ``tensorboard/`` when the config asks for them.
     Only the writer (rank 0 under torchrun) touches the disk; other ranks' calls are no-ops.
     """
 
     def __init__(self, path: str | os.PathLike, writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
+        self.tensorboard: Any = None  # a SummaryWriter while a run with `tensorboard: true` is open
+
+    def open_tensorboard(self, config: RunConfig) -> None:
+        """Start TensorBoard logging if the config asks for it (fresh or resumed run)."""
+        if self.writer and config.tensorboard and self.tensorboard is None:
+            self.tensorboard = tensorboard_writer(self.file("tensorboard"))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -55,7 +63,7 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
-        for stale in ("summary.json", "metrics.csv", "checkpoint.pt"):  # never look finished while rerunning
+        for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt"):  # never look finished
             self.file(stale).unlink(missing_ok=True)
         write_atomic(self.file("config.yaml"), dump_yaml(config))
 
@@ -70,9 +78,15 @@ class RunFolder:
                                 "pass --force to start it over")
 
     def log(self, row: dict[str, Any]) -> None:
-        """Append one metrics row to metrics.csv."""
+        """Append one metrics row to metrics.csv and metrics.jsonl (and TensorBoard)."""
         if not self.writer:
             return
+        with open(self.file("metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.tensorboard.add_scalar(f"{row.get('phase', 'run')}/{key}", value, row.get("epoch", 0))
         path = self.file("metrics.csv")
         new = not path.exists()
         with open(path, "a", newline="") as handle:
@@ -82,10 +96,11 @@ class RunFolder:
             writer.writerow(_format_row(row))
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Replace metrics.csv by `rows` (on resume: rows after the checkpoint are cut)."""
+        """Replace metrics.csv and metrics.jsonl by `rows` (on resume: rows after the checkpoint are cut)."""
         if not self.writer:
             return
         self.file("metrics.csv").unlink(missing_ok=True)
+        self.file("metrics.jsonl").unlink(missing_ok=True)
         for row in rows:
             self.log(row)
 
@@ -98,6 +113,9 @@ class RunFolder:
             ticket.save(self.file(name))
 
     def finish(self, summary: dict[str, Any]) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.writer:
             write_atomic(self.file("summary.json"), json.dumps(summary, indent=2) + "\n")
 
@@ -105,3 +123,15 @@ class RunFolder:
         if not self.finished:
             raise GemminerError(f"{self.path} holds no finished run (no summary.json)")
         return json.loads(self.file("summary.json").read_text())
+
+
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter, or one clear error when tensorboard is not installed
+    (it is optional: metrics always go to CSV and JSONL)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise GemminerError("--tensorboard needs the tensorboard package (pip install tensorboard); "
+                            "metrics.csv and metrics.jsonl are written without it") from None
+    return SummaryWriter(log_dir=str(log_dir))
+

@@ -8,6 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -84,14 +85,23 @@ class Ticket:
             LayerDensity(name, tuple(mask.shape), mask.numel(), int(mask.sum())) for name, mask in self.masks.items()
         ]
 
-    def layer_report(self) -> str:
-        """A per-layer table: name, shape, parameters, remaining, density."""
-        rows = [("layer", "shape", "params", "remaining", "density")]
+    def layer_report(self, macs: dict[str, int] | None = None) -> str:
+        """A per-layer table: name, shape, parameters, remaining, density; with `macs`
+        (dense multiply-accumulates per weight name, `gemminer.report.layer_macs`) also
+        the MACs that remain (dense MACs x layer density)."""
+        header = ["layer", "shape", "params", "remaining", "density"] + (["MACs", "MACs remaining"] if macs else [])
+        rows, macs_total, macs_left = [header], 0, 0
         for layer in self.layers():
-            shape = "x".join(map(str, layer.shape))
-            rows.append((layer.name, shape, str(layer.parameters), str(layer.remaining), f"{layer.density:.4f}"))
-        rows.append(("total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            row = [layer.name, "x".join(map(str, layer.shape)), str(layer.parameters), str(layer.remaining),
+                   f"{layer.density:.4f}"]
+            if macs:
+                left = macs[layer.name] * layer.remaining // layer.parameters  # exact: MACs = params x positions
+                macs_total, macs_left = macs_total + macs[layer.name], macs_left + left
+                row += [str(macs[layer.name]), str(left)]
+            rows.append(row)
+        rows.append(["total", "", str(self.total), str(self.remaining), f"{self.density:.4f}"]
+                    + ([str(macs_total), str(macs_left)] if macs else []))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
                            for column, (cell, width) in enumerate(zip(row, widths, strict=True)))
                  for row in rows]
@@ -141,14 +151,9 @@ class Ticket:
         masks, header = read_safetensors(path, what="ticket")
         if header.get("format_version") != FORMAT_VERSION:
             raise GemminerError(f"{path} is not a gemminer ticket (format_version {header.get('format_version')!r})")
-        metadata: dict[str, object] = {}
-        for key, value in header.items():
-            try:
-                metadata[key] = json.loads(value)
-            except json.JSONDecodeError:
-                metadata[key] = value
-            if key in ("init_hash", "model", "method", "data", "format_version", "mask"):
-                metadata[key] = value  # always strings, even when they look like numbers
+        # these are always strings, even when they look like numbers
+        metadata = decode_header(header, keep_strings=("init_hash", "model", "method", "data", "format_version",
+                                                       "mask"))
         expected = metadata.pop("masks_sha256", None)
         if expected is not None and expected != masks_digest(masks):
             raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")
@@ -170,6 +175,17 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tens
     except (SafetensorError, OSError, ValueError) as err:
         raise GemminerError(f"cannot read {what} file {path}: {err}") from err
     return tensors, header
+
+
+def decode_header(header: dict[str, str], keep_strings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A safetensors header's values parsed as JSON where they are JSON, else kept as strings."""
+    metadata: dict[str, Any] = {}
+    for key, value in header.items():
+        try:
+            metadata[key] = value if key in keep_strings else json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return metadata
 
 
 def save_state(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
-from gemminer.init import init_hash
+from gemminer.init import WEIGHT_INITS, init_hash, initialize_weights
 from gemminer.masking import prunable_names
+from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket
 from gemminer.train import Batch, resolve_device
 
@@ -31,6 +32,8 @@ class SearchResult:
     ticket. epochs: training epochs spent finding the ticket (the cost claim).
     network: the searched copy of the model where the method trains one (for Gem-Miner,
     with its score parametrizations still attached), else None.
+    init_state: the state dict the ticket was found on when the method re-drew the
+    weights (``init`` other than "keep"); None when they were the model's own.
     """
 
     ticket: Ticket
@@ -39,6 +42,7 @@ class SearchResult:
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     network: nn.Module | None = None
+    init_state: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -53,7 +57,11 @@ class PruningMethod(ABC):
     """A method finds a Ticket for a model from training data.
 
     Subclasses set `name` and `Config` (a dataclass of their options) and implement
-    `search`. `find` never changes the model it is given.
+    `_search` on the model they are handed. `find` and `search` never change the
+    caller's model: with ``init="keep"`` (default) its own weights are the initial
+    weights; with ``"signed_constant"`` or ``"kaiming_normal"`` `search` re-draws a copy
+    from `seed` first (the same draw as `initialize`) and `SearchResult.init_state`
+    holds it, so no method repeats this.
     """
 
     name: ClassVar[str]
@@ -61,9 +69,11 @@ class PruningMethod(ABC):
 
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
-                 bn_recalibration_batches: int = 20, **options: Any) -> None:
+                 bn_recalibration_batches: int = 20, init: str = "keep", **options: Any) -> None:
         if not 0 < density <= 1:
             raise GemminerError(f"density must be in (0, 1], got {density}")
+        if init not in WEIGHT_INITS:
+            raise GemminerError(f"unknown init {init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         config = copy.deepcopy(config) if config is not None else self.Config()
         if options:
             config = dataclasses.replace(config, **options)
@@ -72,12 +82,19 @@ class PruningMethod(ABC):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.prune_first, self.prune_last, self.progress = prune_first, prune_last, progress
         self.bn_recalibration_batches = bn_recalibration_batches
+        self.init = init
 
     def find(self, model: nn.Module, train: Iterable[Batch]) -> Ticket:
-        """The ticket for `model` (whose current weights are the initial weights)."""
+        """The ticket for `model` (its own weights, or re-drawn ones per `init`)."""
         return self.search(model, train).ticket
 
-    @abstractmethod
+    @torch.no_grad()
+    def initialize(self, model: nn.Module) -> nn.Module:
+        """Re-draw `model`'s prunable weights in place as this method's `init` and `seed`
+        say: the weights a ticket found with ``init != "keep"`` belongs to."""
+        initialize_weights(model, self.prunable(model), self.init, make_generator(self.seed, "weights"))
+        return model
+
     def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
                log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
                checkpoint: Checkpointer | None = None) -> SearchResult:
@@ -88,6 +105,18 @@ class PruningMethod(ABC):
         order does not depend on it) BatchNorm statistics are recomputed first.
         With `checkpoint`, a method that trains saves and resumes its state through it.
         """
+        if self.init == "keep":
+            return self._search(model, train, test, log, recalibration, checkpoint)
+        initial = self.initialize(copy.deepcopy(model))
+        result = self._search(initial, train, test, log, recalibration, checkpoint)
+        result.init_state = {name: tensor.detach().clone() for name, tensor in initial.state_dict().items()}
+        return result
+
+    @abstractmethod
+    def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None,
+                log: MetricsLog | None, recalibration: Iterable[Batch] | None,
+                checkpoint: Checkpointer | None) -> SearchResult:
+        """The method itself, on `model`'s current weights (see `search`); it must not change `model`."""
 
     # helpers for subclasses ---------------------------------------------------------
     def prunable(self, model: nn.Module) -> list[str]:

@@ -16,9 +16,9 @@ from gemminer.train import Batch
 class Dense(PruningMethod):
     name = "dense"
 
-    def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
-               checkpoint: Checkpointer | None = None) -> SearchResult:
+    def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
+                log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+                checkpoint: Checkpointer | None = None) -> SearchResult:
         masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in weights(model, self.prunable(model)).items()}
         ticket = self.make_ticket(model, masks)
         ticket.metadata["density_target"] = 1.0

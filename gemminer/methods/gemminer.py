@@ -91,9 +91,9 @@ class GemMiner(PruningMethod):
     name = "gemminer"
     Config = GemMinerConfig
 
-    def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
-               checkpoint: Checkpointer | None = None) -> SearchResult:
+    def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
+                log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+                checkpoint: Checkpointer | None = None) -> SearchResult:
         config = self.config
         start = time.perf_counter()
         net = copy.deepcopy(model).to(self.device)

@@ -57,9 +57,9 @@ class RandomTicket(PruningMethod):
     name = "random"
     Config = RandomConfig
 
-    def search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
-               log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
-               checkpoint: Checkpointer | None = None) -> SearchResult:
+    def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
+                log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+                checkpoint: Checkpointer | None = None) -> SearchResult:
         shapes = {name: w.shape for name, w in weights(model, self.prunable(model)).items()}
         if self.config.like_ticket:
             from gemminer.ticket import Ticket
