@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -37,38 +38,63 @@ class Batches:
     """
 
     def __init__(self, data: TensorData, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 transform: Callable[[Tensor], Tensor] | None = None) -> None:
         if batch_size < 1:
             raise GemminerError(f"batch size must be >= 1, got {batch_size}")
         if shuffle and generator is None:
             raise GemminerError("shuffled batches need an explicit generator")
         self.data, self.batch_size, self.shuffle, self.generator = data, batch_size, shuffle, generator
+        self.transform = transform  # applied to each batch's inputs (uint8 images -> normalized floats)
 
     def __len__(self) -> int:
         return (len(self.data) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.data)
+        transform = self.transform or (lambda inputs: inputs)
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.data.y.device)
+            order = torch.randperm(n, generator=self.generator).to(self.data.y.device)  # one copy per pass
             for start in range(0, n, self.batch_size):
                 index = order[start:start + self.batch_size]
-                yield self.data.x[index], self.data.y[index]
+                yield transform(self.data.x[index]), self.data.y[index]
         else:
             for start in range(0, n, self.batch_size):
-                yield self.data.x[start:start + self.batch_size], self.data.y[start:start + self.batch_size]
+                yield transform(self.data.x[start:start + self.batch_size]), self.data.y[start:start + self.batch_size]
 
 
 @dataclass
 class Dataset:
+    """Splits as tensors. Image sets hold uint8 NCHW images plus the per-channel `mean` and
+    `std` (of the training images, in [0, 1]) that `transform` normalizes with, per batch;
+    `augmentation` names the data set's standard training augmentation."""
+
     name: str
     train: TensorData
     test: TensorData
     num_classes: int
+    val: TensorData | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    augmentation: str = "none"  # "crop_flip": padded random crop (H // 8 pixels) + horizontal flip
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+    def transform(self, train: bool = False, generator: torch.Generator | None = None,
+                  augment: bool = True) -> Callable[[Tensor], Tensor] | None:
+        """The per-batch transform: normalization, plus augmentation for training batches
+        (`train` and `augment`, drawn from `generator`). None for data stored as floats."""
+        from gemminer.transforms import ImageTransform
+
+        if self.mean is None or self.std is None:
+            return None
+        channels_last = len(self.input_shape) == 3
+        if train and augment and self.augmentation == "crop_flip":
+            return ImageTransform(self.mean, self.std, crop_padding=self.input_shape[-1] // 8, flip=True,
+                                  generator=generator, channels_last=channels_last)
+        return ImageTransform(self.mean, self.std, channels_last=channels_last)
 
 
 def default_cache_dir() -> Path:
@@ -118,11 +144,34 @@ def _make_mnist1d(num_samples: int) -> tuple[np.ndarray, ...]:
             raw["x_test"].astype(np.float32), raw["y_test"].astype(np.int64))
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"mnist1d": load_mnist1d}
+def load_dataset(name: str, data_dir: str | None = None, num_samples: int = 5000, *, download: bool = False,
+                 limit: int | None = None, val_size: int = 0) -> Dataset:
+    """Load a registered data set by name (``cifar10``, ``imagefolder:PATH``, ...; see
+    `gemminer.datasets.DATASETS`), then hold out `val_size` training samples as the
+    validation split and keep `limit` of the rest for training."""
+    from gemminer.datasets import open_dataset
+
+    dataset = open_dataset(name, Path(data_dir) if data_dir else None, num_samples=num_samples, download=download)
+    return split_dataset(dataset, val_size=val_size, limit=limit)
 
 
-def load_dataset(name: str, data_dir: str | None = None, num_samples: int = 5000) -> Dataset:
-    """Load a registered data set by name."""
-    if name not in DATASETS:
-        raise GemminerError(f"unknown data set {name!r}; allowed: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](Path(data_dir) if data_dir else None, num_samples=num_samples)
+def split_dataset(dataset: Dataset, val_size: int = 0, limit: int | None = None) -> Dataset:
+    """Hold out `val_size` training samples and keep the first `limit` of the rest.
+
+    Both subsets come from one permutation with a fixed seed, not the run seed: the
+    subsets are part of the data set, the same for every run.
+    """
+    n = len(dataset.train)
+    if val_size < 0 or (limit is not None and limit < 1):
+        raise GemminerError("data val_size must be >= 0 and data limit >= 1")
+    if val_size >= n:
+        raise GemminerError(f"val_size {val_size} leaves no training samples (the training split has {n})")
+    if val_size == 0 and (limit is None or limit >= n):
+        return dataset
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    val_index, train_index = order[:val_size].sort().values, order[val_size:]
+    if limit is not None:
+        train_index = train_index[:limit]
+    train_index = train_index.sort().values
+    take = lambda index: TensorData(dataset.train.x[index], dataset.train.y[index])  # noqa: E731
+    return dataclasses.replace(dataset, train=take(train_index), val=take(val_index) if val_size else dataset.val)
