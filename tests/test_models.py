@@ -15,6 +15,7 @@ from gemminer.methods.gemminer import GemMiner
 from gemminer.models import DEFAULT_MODEL_FOR_DATA, MODELS, build_model
 from gemminer.train import enable_autocast, forward
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Batches of 2: threads only add synchronization (and stall badly on a loaded machine)."""

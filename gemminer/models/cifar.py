@@ -161,10 +161,20 @@ def wrn28_2(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool =
                   affine_bn, bias, shortcut="conv")
 
 
+class PooledClassifier(nn.Module):
+    """`features`, then a global average pool and the linear classifier `fc`."""
+
+    features: nn.Module
+    fc: nn.Linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
 VGG16_STAGES = ((1, 2), (2, 2), (4, 3), (8, 3), (8, 3))  # (channels / width, convs) before each 2x2 max pool
 
 
-class VGG(nn.Module):
+class VGG(PooledClassifier):
     """VGG-16 for CIFAR: 13 3x3 conv + BN layers in 5 pooled stages, global average pool, one linear layer."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, affine_bn: bool, bias: bool,
@@ -179,9 +189,6 @@ class VGG(nn.Module):
             layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
 def vgg16(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool = False, bias: bool = False,
@@ -213,7 +220,7 @@ MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2
                        (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(PooledClassifier):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, affine_bn: bool, bias: bool,
                  width: int) -> None:
         super().__init__()
@@ -233,9 +240,6 @@ class MobileNetV2(nn.Module):
         layers += [*conv_bn(c_in, last, 1, 1, affine_bn, bias), nn.ReLU6()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(last, num_classes, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
 def mobilenet_v2(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool = False, bias: bool = False,

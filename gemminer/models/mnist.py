@@ -11,16 +11,21 @@ import math
 from torch import nn
 
 
+def fully_connected(input_shape: tuple[int, ...], hidden: list[int], num_classes: int, bias: bool) -> nn.Sequential:
+    """Flatten, then Linear + ReLU per hidden width, then the linear classifier."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    features = math.prod(input_shape)
+    for width in hidden:
+        layers += [nn.Linear(features, width, bias=bias), nn.ReLU()]
+        features = width
+    return nn.Sequential(*layers, nn.Linear(features, num_classes, bias=bias))
+
+
 def lenet300100(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool = False, bias: bool = False,
                 width: int | None = None) -> nn.Module:
     """input -> 300 -> 100 -> classes, ReLU; `width` is the first hidden layer (the second is a third of it)."""
     width = width or 300
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(math.prod(input_shape), width, bias=bias), nn.ReLU(),
-        nn.Linear(width, max(width // 3, 1), bias=bias), nn.ReLU(),
-        nn.Linear(max(width // 3, 1), num_classes, bias=bias),
-    )
+    return fully_connected(input_shape, [width, max(width // 3, 1)], num_classes, bias)
 
 
 def _conv_net(stages: int, input_shape: tuple[int, ...], num_classes: int, bias: bool, width: int | None) -> nn.Module:
