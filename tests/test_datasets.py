@@ -311,3 +311,23 @@ def test_normalization_and_training_batches_stay_aligned(tmp_path):
     assert torch.equal(torch.cat(seen).sort().values, data.train.y.sort().values)
     assert data.transform(train=True, generator=generator).augments
     assert torch.equal(next(iter(Batches(data.train, 4)))[0], data.train.x[:4])  # no transform: raw uint8
+
+
+def test_setup_batches_are_on_device_normalized_channels_last_and_seeded(tmp_path):
+    from gemminer.config import resolve
+    from gemminer.experiment import setup
+
+    write_cifar10_python(tmp_path, per_batch=8)
+    overrides = {"data": {"name": "cifar10", "dir": str(tmp_path), "batch_size": 8, "val_size": 8,
+                          "eval_split": "val"}, "model": {"name": "resnet20", "width": 4}, "device": "cpu"}
+    run = setup(resolve(overrides))
+    assert run.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    first = next(iter(run.batches("search-order")))
+    assert first[0].dtype == torch.float32 and first[0].is_contiguous(memory_format=torch.channels_last)
+    again = next(iter(setup(resolve(overrides)).batches("search-order")))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # order and augmentation: the seed's
+    other = next(iter(run.batches("finetune-order")))
+    assert not torch.equal(first[0], other[0])
+    test_inputs, _ = next(iter(run.test))
+    assert len(run.test.data) == 8 and len(run.dataset.train) == 32  # eval_split val: the held-out 8
+    assert torch.equal(test_inputs, run.dataset.transform()(run.dataset.val.x))  # evaluation: not augmented
