@@ -22,7 +22,8 @@ from gemminer.errors import GemminerError
 class DataConfig:
     name: str = field(default="mnist1d", metadata={
         "help": "mnist1d | cifar10 | cifar100 | mnist | fashion-mnist | svhn | tiny-imagenet | imagefolder:PATH"})
-    dir: str | None = field(default=None, metadata={"help": "data folder (default ~/.cache/gemminer[/data])"})
+    dir: str | None = field(default=None, metadata={
+        "help": "data folder (default: ~/.cache/gemminer/data; for mnist1d its cache, ~/.cache/gemminer)"})
     num_samples: int = field(default=5000, metadata={"help": "MNIST-1D samples, train+test (5000 = canonical)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
