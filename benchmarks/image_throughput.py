@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--data-passes", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last, for comparison")
     args = parser.parse_args()
 
     config = resolve({"data": {"name": args.data, "dir": args.data_dir, "limit": args.data_limit,
@@ -68,6 +69,17 @@ def main() -> None:
     start = time.perf_counter()
     run = setup(config)
     setup_seconds = time.perf_counter() - start
+    if args.contiguous:
+        run.model = run.model.to(memory_format=torch.contiguous_format)
+        channels_last_batches = run.batches
+
+        def contiguous_batches(stream: str):
+            batches = channels_last_batches(stream)
+            to_nchw = batches.transform
+            batches.transform = lambda images: to_nchw(images).contiguous()
+            return batches
+
+        run.batches = contiguous_batches
     images = len(run.dataset.train)
 
     data_rate = data_only_images_per_second(run, args.data_passes)
@@ -81,7 +93,8 @@ def main() -> None:
                    else platform.processor() or platform.machine())
     print(json.dumps({
         "data": args.data, "model": config.model.name, "device": str(run.device), "device_name": device_name,
-        "threads": torch.get_num_threads(), "bf16": args.bf16, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(), "bf16": args.bf16,
+        "memory_format": "contiguous" if args.contiguous else "channels_last", "batch_size": args.batch_size,
         "train_images": images, "epochs_timed": args.epochs - 1, "setup_s": round(setup_seconds, 2),
         "data_only_img_per_s": round(data_rate), "dense_train_img_per_s": round(dense_rate, 1),
         "gemminer_search_img_per_s": round(search_rate, 1),
