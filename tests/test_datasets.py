@@ -277,6 +277,8 @@ def test_crop_and_flip_keep_shapes_and_label_alignment():
     assert (out == 0).flatten(1).any(1).float().mean() > 0.5  # most crops show some padding
     again = crop_and_flip(images, 4, True, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+    nhwc = crop_and_flip(images, 4, True, torch.Generator().manual_seed(0), channels_last=True)
+    assert torch.equal(nhwc, out) and nhwc.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_flip_mirrors_about_half_and_crop_moves():
