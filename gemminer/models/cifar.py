@@ -3,8 +3,8 @@
 Every factory takes ``(input_shape, num_classes, *, affine_bn, bias, width)``. `width` is the
 channel count of the first stage (the others keep the architecture's ratios to it); None
 gives the published width. Paper defaults: BatchNorm without affine parameters, no biases.
-Input channels come from `input_shape`; a global average pool before the classifier makes
-every model work at any input size of at least 32x32 (VGG and ResNets down to 8x8).
+Input channels come from `input_shape`; a global average pool before the classifier lets
+the models take other input sizes too (VGG needs at least 32x32: it pools 2x2 five times).
 """
 
 from __future__ import annotations
