@@ -5,7 +5,8 @@
 
 Everything goes through the same `setup()` as `gemminer mine` (tensors on the device,
 channels_last, batched augmentation). Dense training and the search each run `--epochs`
-epochs on the same batches; the first epoch is a warm-up and not counted. The data-only
+epochs on the same batches, `--repeats` times interleaved; the first epoch of each is a
+warm-up and not counted; rates are medians. The data-only
 pass iterates the same augmented, normalized training batches with no model. Prints one
 JSON line.
 """
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3, help="per loop; the first is not counted")
     parser.add_argument("--data-passes", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats, so load drift hits all alike")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--contiguous", action="store_true", help="NCHW instead of channels_last, for comparison")
@@ -82,20 +84,24 @@ def main() -> None:
         run.batches = contiguous_batches
     images = len(run.dataset.train)
 
-    data_rate = data_only_images_per_second(run, args.data_passes)
-    dense = finetune(copy.deepcopy(run.model), run.batches("dense-order"), epochs=args.epochs,
-                     config=config.finetune)
-    dense_rate = images / statistics.median(per_epoch(dense))
-    miner = GemMiner(config.density, config.search, device=run.device)
-    search = miner.search(run.model, run.batches("search-order")).history
-    search_rate = images / statistics.median(per_epoch(search))
+    data_rates, dense_times, search_times = [], [], []
+    for _ in range(args.repeats):
+        data_rates.append(data_only_images_per_second(run, args.data_passes))
+        dense = finetune(copy.deepcopy(run.model), run.batches("dense-order"), epochs=args.epochs,
+                         config=config.finetune)
+        dense_times += per_epoch(dense)
+        miner = GemMiner(config.density, config.search, device=run.device)
+        search_times += per_epoch(miner.search(run.model, run.batches("search-order")).history)
+    data_rate = statistics.median(data_rates)
+    dense_rate = images / statistics.median(dense_times)
+    search_rate = images / statistics.median(search_times)
     device_name = (torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
                    else platform.processor() or platform.machine())
     print(json.dumps({
         "data": args.data, "model": config.model.name, "device": str(run.device), "device_name": device_name,
         "threads": torch.get_num_threads(), "bf16": args.bf16,
         "memory_format": "contiguous" if args.contiguous else "channels_last", "batch_size": args.batch_size,
-        "train_images": images, "epochs_timed": args.epochs - 1, "setup_s": round(setup_seconds, 2),
+        "train_images": images, "epochs_timed": args.repeats * (args.epochs - 1), "setup_s": round(setup_seconds, 2),
         "data_only_img_per_s": round(data_rate), "dense_train_img_per_s": round(dense_rate, 1),
         "gemminer_search_img_per_s": round(search_rate, 1),
         "data_only_over_dense": round(data_rate / dense_rate, 1)}))
