@@ -307,7 +307,9 @@ def test_normalization_and_training_batches_stay_aligned(tmp_path):
     augment = lambda x: crop_and_flip(x, 4, True, generator)  # noqa: E731
     batches = Batches(data.train, 16, shuffle=True, generator=torch.Generator().manual_seed(0), transform=augment)
     seen = []
+    threads = torch.get_num_threads()
     for x, y in batches:
+        assert torch.get_num_threads() == threads  # the batch was made on one thread; training gets them all
         assert x.shape[1:] == (3, 32, 32) and torch.equal(x.amax(dim=(1, 2, 3)), (y + 1).to(torch.uint8))
         seen.append(y)
     assert torch.equal(torch.cat(seen).sort().values, data.train.y.sort().values)
