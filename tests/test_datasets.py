@@ -220,6 +220,9 @@ def test_tiny_imagenet_layout(tmp_path):
     assert data.input_shape == (3, 64, 64) and data.num_classes == 2
     assert data.train.y.tolist() == [0, 0, 1, 1]  # sorted wnids: n01 -> 0, n02 -> 1
     assert data.test.y.tolist() == [0, 1, 1] and data.test.x.dtype == torch.uint8
+    (root / "val" / "val_annotations.txt").write_text("\n".join([*lines, "val_9.JPEG\tn01\t0\t0\t63\t63"]))
+    with pytest.raises(GemminerError, match=r"cannot read .*val_9\.JPEG"):
+        load_dataset("tiny-imagenet", str(tmp_path))
 
 
 @pytest.mark.parametrize(("name", "expected"), [

@@ -54,7 +54,10 @@ def fingerprint(files: Iterable[Path]) -> str:
     removed file gives a new key, so a stale cache is never read."""
     digest = hashlib.sha256(f"format {CACHE_FORMAT}".encode())
     for path in files:
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise GemminerError(f"cannot read {path}: {err.strerror}") from None
         digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
