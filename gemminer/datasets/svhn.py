@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from gemminer.data import Dataset
@@ -13,7 +15,7 @@ FILES = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d0373", "test_32x32.mat"
 URL = "http://ufldl.stanford.edu/housenumbers/"
 
 
-def read_svhn_mat(path) -> tuple[np.ndarray, np.ndarray]:
+def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """X (32, 32, 3, N) -> (N, 3, 32, 32) uint8; y (N, 1) with 10 for the digit 0 -> 0..9."""
     try:
         from scipy.io import loadmat  # a dependency of mnist1d, so always present
