@@ -149,16 +149,52 @@ def resnet50(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool 
     return _imagenet_style_resnet(Bottleneck, [3, 4, 6, 3], input_shape, num_classes, affine_bn, bias, width)
 
 
+class PreActivationBlock(nn.Module):
+    """Wide ResNet block: BN-ReLU-conv3x3 twice; a 1x1-conv shortcut from the activated
+    input where the shape changes, else identity (Zagoruyko & Komodakis; the official Gem-Miner WRN)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, affine_bn: bool, bias: bool) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in, affine=affine_bn)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+        self.bn2 = nn.BatchNorm2d(c_out, affine=affine_bn)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias)
+        self.shortcut = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        activated = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(activated))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nn.Module):
+    """3x3 stem conv, 3 stages of pre-activation blocks, BN-ReLU, global pool, linear."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, blocks_per_stage: int, width: int,
+                 affine_bn: bool, bias: bool) -> None:
+        super().__init__()
+        stem_channels = max(width // 2, 1)
+        self.stem = nn.Conv2d(input_shape[0], stem_channels, 3, padding=1, bias=bias)
+        layers, c_in = [], stem_channels
+        for index, channels in enumerate((width, 2 * width, 4 * width)):
+            for position in range(blocks_per_stage):
+                stride = 2 if index > 0 and position == 0 else 1
+                layers.append(PreActivationBlock(c_in, channels, stride, affine_bn, bias))
+                c_in = channels
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(c_in, affine=affine_bn)
+        self.fc = nn.Linear(c_in, num_classes, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.layers(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
 def wrn28_2(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool = False, bias: bool = False,
             width: int | None = None) -> nn.Module:
-    """Wide ResNet-28-2 (Zagoruyko & Komodakis): a 16-channel stem, then 3 stages of 4 basic
-    blocks with 32/64/128 channels (`width` = the first stage's, default 32); post-activation
-    blocks as in the other ResNets here, 1x1-conv shortcuts."""
-    width = width or 32
-    stem_channels = max(width // 2, 1)
-    stem = nn.Sequential(*conv_bn(input_shape[0], stem_channels, 3, 1, affine_bn, bias), nn.ReLU())
-    return ResNet(stem, stem_channels, BasicBlock, [width, 2 * width, 4 * width], [4, 4, 4], num_classes,
-                  affine_bn, bias, shortcut="conv")
+    """Wide ResNet-28-2: a 16-channel stem, then 3 stages of 4 pre-activation blocks with
+    32/64/128 channels (`width` = the first stage's, default 32; the stem has width / 2)."""
+    return WideResNet(input_shape, num_classes, 4, width or 32, affine_bn, bias)
 
 
 class PooledClassifier(nn.Module):
