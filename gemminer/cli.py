@@ -25,7 +25,8 @@ SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "finetune": Finetun
 DEFAULTS_NOTE = ("Defaults shown are the paper's. With --preset auto (the default) a data set may replace some: "
                  "mnist1d searches 30 epochs, freeze period 2, lambda 3e-4, lr 0.3. config.yaml in the run folder "
                  "holds every value used.")
-SHORT_FLAGS = {("data", "name"): "--data", ("model", "name"): "--model", ("search", "epochs"): "--epochs"}
+SHORT_FLAGS = {("data", "name"): "--data", ("model", "name"): "--model", ("search", "epochs"): "--epochs",
+               ("data", "download"): "--download"}
 
 
 class Parser(argparse.ArgumentParser):

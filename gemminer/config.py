@@ -20,11 +20,19 @@ from gemminer.errors import GemminerError
 
 @dataclass
 class DataConfig:
-    name: str = field(default="mnist1d", metadata={"help": "data set name"})
-    dir: str | None = field(default=None, metadata={"help": "data / cache folder (default ~/.cache/gemminer)"})
+    name: str = field(default="mnist1d", metadata={
+        "help": "mnist1d | cifar10 | cifar100 | mnist | fashion-mnist | svhn | tiny-imagenet | imagefolder:PATH"})
+    dir: str | None = field(default=None, metadata={
+        "help": "data folder (default: ~/.cache/gemminer/data; for mnist1d its cache, ~/.cache/gemminer)"})
     num_samples: int = field(default=5000, metadata={"help": "MNIST-1D samples, train+test (5000 = canonical)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    download: bool = field(default=False, metadata={"help": "fetch a missing data set's official files"})
+    limit: int | None = field(default=None, metadata={"help": "train on this many training samples (a fixed subset)"})
+    val_size: int = field(default=0, metadata={"help": "hold out this many training samples as a validation split"})
+    eval_split: str = field(default="test", metadata={"help": "test | val: the split accuracies are measured on"})
+    augment: bool = field(default=True, metadata={
+        "help": "the data set's standard training augmentation (CIFAR: 4-pixel padded crop + flip)"})
 
 
 @dataclass
@@ -56,6 +64,7 @@ class RunConfig:
     density: float = field(default=0.0144, metadata={"help": "target fraction of prunable weights that remain"})
     seed: int = field(default=0, metadata={"help": "seed of every random stream"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA (paper: off, fp32)"})
     preset: str = field(default="auto", metadata={"help": "auto (the data set's tuned defaults) | paper"})
     bn_recalibration_batches: int = field(
         default=20, metadata={"help": "training batches to recompute BatchNorm statistics before an at-init "
@@ -75,6 +84,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 32 steps per epoch (vs 391 on CIFAR-10): a larger lr and lambda let the scores
         # move and sink as far within 30 epochs as the paper's do within 150.
         "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": 3e-4, "lr": 0.3},
+    },
+    # The official ResNet-18 / Tiny ImageNet config (PAPER.md); the batch size there is 256: --data-batch-size 256.
+    "tiny-imagenet": {
+        "search:gemminer": {"epochs": 200, "freeze_period": 10, "reg_lambda": 1e-6},
+        "finetune": {"lr": 0.1},
     },
 }
 
@@ -227,6 +241,10 @@ def validate(config: RunConfig) -> None:
         raise GemminerError("finetune.epochs must be >= 0")
     if config.data.batch_size < 1 or config.data.eval_batch_size < 1:
         raise GemminerError("batch sizes must be >= 1")
+    if config.data.eval_split not in ("test", "val"):
+        raise GemminerError(f"unknown data.eval_split {config.data.eval_split!r}; allowed: test, val")
+    if config.data.eval_split == "val" and config.data.val_size < 1:
+        raise GemminerError("data.eval_split val needs a validation split: give data.val_size N")
     validate_search = getattr(config.search, "validate", None)
     if validate_search:
         validate_search()

@@ -28,7 +28,7 @@ from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
 from gemminer.runs import RunFolder
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket, read_safetensors
-from gemminer.train import Diverged, masked_accuracy, resolve_device
+from gemminer.train import Diverged, enable_autocast, masked_accuracy, resolve_device
 
 
 @dataclass
@@ -41,14 +41,19 @@ class Setup:
     model: nn.Module  # the initial weights, on `device`
 
     def batches(self, stream: str) -> Batches:
-        """Shuffled training batches with their own seeded order."""
+        """Shuffled, augmented training batches with their own seeded order and augmentation
+        (BatchNorm recalibration gets them too: the statistics training sees)."""
         generator = make_generator(self.config.seed, stream)
+        transform = self.dataset.transform(train=True, augment=self.config.data.augment,
+                                           generator=make_generator(self.config.seed, f"{stream}-augment", self.device))
         return Batches(self.dataset.train, self.config.data.batch_size, shuffle=True, generator=generator,
-                       rank=distributed.rank(), world_size=distributed.world_size())
+                       transform=transform, rank=distributed.rank(), world_size=distributed.world_size())
 
     @property
     def test(self) -> Batches:
-        return Batches(self.dataset.test, self.config.data.eval_batch_size)
+        """The evaluation split (test, or val with data.eval_split val), normalized, not augmented."""
+        split = self.dataset.val if self.config.data.eval_split == "val" else self.dataset.test
+        return Batches(split, self.config.data.eval_batch_size, transform=self.dataset.transform(train=False))
 
     @property
     def prunable(self) -> list[str]:
@@ -64,7 +69,11 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
     """Load data and build the initial model (drawn from the seed, or `init_state`).
     Under torchrun this joins the process group first."""
     device = distributed.init_from_env(resolve_device(config.device))
-    dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)
+    if config.bf16 and device.type != "cuda":
+        raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
+    data = config.data
+    dataset = load_dataset(data.name, data.dir, data.num_samples, download=data.download, limit=data.limit,
+                           val_size=data.val_size)
     if config.model.name is None:
         config.model.name = DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
     torch.manual_seed(make_generator(config.seed, "model").initial_seed())  # layers draw from the global RNG
@@ -80,8 +89,14 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
             first = str(err).strip().splitlines()
             raise GemminerError(f"initial weights do not fit model {config.model.name}: "
                                 f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from err
-    dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)
-    return Setup(config, device, dataset, model.to(device))
+    dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)  # once: batches are slices
+    dataset.val = dataset.val.to(device) if dataset.val is not None else None
+    model = model.to(device)
+    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        model = model.to(memory_format=torch.channels_last)  # batches of images arrive channels_last too
+    if config.bf16:
+        enable_autocast(model, torch.bfloat16)
+    return Setup(config, device, dataset, model)
 
 
 @contextmanager

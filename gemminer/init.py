@@ -41,7 +41,7 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict, in sorted name order."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+        tensor = state[name].detach().to("cpu").clone(memory_format=torch.contiguous_format)  # channels_last too
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

@@ -41,6 +41,26 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+AUTOCAST_ATTRIBUTE = "_gemminer_autocast_dtype"
+
+
+def enable_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Opt-in: gemminer's loops run `model`'s forward passes under ``torch.autocast(dtype)``.
+    Kept as an attribute of the model, so copies (the search's, fine-tuning's) keep it."""
+    setattr(model, AUTOCAST_ATTRIBUTE, dtype)
+    return model
+
+
+def forward(model: nn.Module, inputs: Tensor) -> Tensor:
+    """model(inputs), under autocast where `enable_autocast` asked for it; logits in fp32."""
+    dtype = getattr(getattr(model, "module", model), AUTOCAST_ATTRIBUTE, None)  # through a DDP wrapper
+    if dtype is None:
+        return model(inputs)
+    with torch.autocast(inputs.device.type, dtype=dtype):
+        logits = model(inputs)
+    return logits.float()
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -98,7 +118,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress,
                                 initial=running.steps, total=len(batches) if hasattr(batches, "__len__") else None):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(inputs)
+        logits = forward(model, inputs)
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,7 +207,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EpochStats:
     loss_sum, correct, samples = 0.0, 0, 0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(inputs)
+        logits = forward(model, inputs)
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += int((logits.argmax(1) == targets).sum())
         samples += len(targets)
@@ -217,7 +237,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], num_batche
     stream = iter(batches)
     try:
         for _, (inputs, _) in zip(range(num_batches), stream, strict=False):
-            model(inputs.to(device, non_blocking=True))
+            forward(model, inputs.to(device, non_blocking=True))
     finally:
         getattr(stream, "close", lambda: None)()  # an abandoned pass is over (resumable Batches rely on it)
     for norm, momentum in zip(norms, momenta, strict=False):

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool = False, bias: bool = False,
         width: int | None = None) -> nn.Module:
     """Two hidden ReLU layers without BatchNorm (`affine_bn` has nothing to act on)."""
+    from gemminer.models.mnist import fully_connected
+
     width = width or 512
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(math.prod(input_shape), width, bias=bias), nn.ReLU(),
-        nn.Linear(width, width, bias=bias), nn.ReLU(),
-        nn.Linear(width, num_classes, bias=bias),
-    )
+    return fully_connected(input_shape, [width, width], num_classes, bias)
 
 
 def _conv_block(c_in: int, c_out: int, kernel: int, stride: int, affine_bn: bool, bias: bool) -> list[nn.Module]:

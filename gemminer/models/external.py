@@ -1,0 +1,67 @@
+"""Models from outside the registry: ``module.path:factory``, ``timm:<name>``, ``torchvision:<name>``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from gemminer.errors import GemminerError
+
+
+def _call(factory: Callable[..., Any], what: str, options: dict[str, Any]) -> nn.Module:
+    """Call `factory` with those of `options` its signature accepts; check it returns a Module."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        parameters = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {key: value for key, value in options.items() if takes_any or key in parameters}
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # the user's code: any failure becomes one line
+        raise GemminerError(f"{what}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    if not isinstance(model, nn.Module):
+        raise GemminerError(f"{what} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``module.path:factory``: any importable callable returning an nn.Module. It is called
+    with ``num_classes=`` and ``input_shape=`` where its signature accepts them, else bare."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise GemminerError(f"a user model is module.path:factory, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise GemminerError(f"cannot import {module_name!r} for model {spec!r}: {err}") from None
+    factory = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise GemminerError(f"module {module_name!r} has no {attribute!r} (model {spec!r})")
+    if not callable(factory):
+        raise GemminerError(f"{spec} is not callable")
+    return _call(factory, spec, {"num_classes": num_classes, "input_shape": input_shape})
+
+
+def library_model(library: str, name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``timm:<name>`` / ``torchvision:<name>``: untrained models of those packages, when they import."""
+    try:
+        package = importlib.import_module("timm" if library == "timm" else "torchvision.models")
+    except Exception as err:  # a broken install (PyPI torchvision beside a local torch) raises more than ImportError
+        raise GemminerError(f"model {library}:{name} needs the {library} package, which does not import here "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    if library == "timm":
+        return _call(lambda **kw: package.create_model(name, pretrained=False, **kw), f"timm:{name}",
+                     {"num_classes": num_classes, "in_chans": input_shape[0]})
+    try:
+        factory = package.get_model_builder(name)
+    except ValueError:
+        raise GemminerError(f"torchvision has no model {name!r}") from None
+    return _call(factory, f"torchvision:{name}", {"num_classes": num_classes, "weights": None})
