@@ -51,3 +51,28 @@ def test_dense_training_beats_chance(tiny, batches):
     history = finetune(model, batches, Batches(tiny.test, 100), epochs=8,
                        config=FinetuneConfig(lr=0.05, lr_schedule="cosine"))
     assert history[-1]["test_acc"] > 0.3  # chance is 0.1
+
+
+def test_batches_resume_mid_pass_exactly_with_augmentation():
+    from gemminer.data import TensorData
+    from gemminer.transforms import ImageTransform
+
+    images = TensorData(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40))
+
+    def stream():
+        augment = ImageTransform((0.5,) * 3, (0.25,) * 3, crop_padding=1, flip=True,
+                                 generator=torch.Generator().manual_seed(7))
+        return Batches(images, 6, shuffle=True, generator=torch.Generator().manual_seed(3), transform=augment)
+
+    reference = stream()
+    expected = [batch for _ in range(2) for batch in reference]  # two passes
+    interrupted = stream()
+    first_pass = iter(interrupted)
+    seen = [next(first_pass) for _ in range(3)]
+    state = interrupted.state_dict()
+    resumed = stream()
+    resumed.load_state_dict(state)
+    seen += list(resumed) + list(resumed)
+    assert len(seen) == len(expected)
+    for (x, y), (x_ref, y_ref) in zip(seen, expected, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
