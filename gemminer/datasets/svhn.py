@@ -11,7 +11,7 @@ from gemminer.datasets.common import Source, cached_arrays, first_existing, imag
 from gemminer.datasets.download import Archive, fetch
 from gemminer.errors import GemminerError
 
-FILES = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d0373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}
+FILES = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}
 URL = "http://ufldl.stanford.edu/housenumbers/"
 
 
