@@ -82,7 +82,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "sparsity", None) is not None:
         if getattr(args, "density", None) is not None:
             raise GemminerError("give --density or --sparsity, not both")
-        given["density"] = 1 - args.sparsity
+        given["density"] = round(1 - args.sparsity, 12)  # 1 - 0.98 is 0.020000000000000018
         if not 0 <= args.sparsity < 1:
             raise GemminerError(f"sparsity must be in [0, 1), got {args.sparsity}")
     base = load_yaml(args.config) if getattr(args, "config", None) else {}
@@ -134,7 +134,8 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.add_argument("--epochs", dest="finetune.epochs", default=None, help="fine-tuning epochs")
     _add_config_flags(tune, None, top_level=False)
-    tune.add_argument("--seed", default=None, help="seed of the data order")
+    tune.add_argument("--seed", default=None,
+                      help="seed of the data order (without --init the weights are still drawn from the ticket's seed)")
     tune.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                       help="also log metrics to TensorBoard (needs tensorboard)")
     tune.add_argument("--device", default=None, help="auto | cpu | cuda")
@@ -257,6 +258,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from gemminer.compare import compare
 
+    for flag, instead in (("density", "--densities"), ("sparsity", "--densities"), ("seed", "--seeds"),
+                          ("method", "--methods")):
+        if getattr(args, flag, None) is not None:
+            raise GemminerError(f"compare takes {instead}, not --{flag}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     densities = [_number(d, "density", float) for d in args.densities.split(",")]
     seeds = [_number(s, "seed", int) for s in args.seeds.split(",")]

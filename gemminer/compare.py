@@ -24,9 +24,11 @@ COLUMNS = ["method", "density_target", "density_actual", "seed", "acc_before_fin
 
 def _run(overrides: dict[str, Any], out: Path, force: bool, progress: bool) -> dict[str, Any]:
     folder = RunFolder(out)
+    config = resolve(overrides)
     if folder.finished and not force:
+        folder.check_same_config(config)  # a changed sweep must not report stale numbers
         return folder.summary()  # finished runs are reused, so an interrupted compare picks up where it was
-    return mine(resolve(overrides), out, force=force, progress=progress)  # resumes an unfinished run
+    return mine(config, out, force=force, progress=progress)  # resumes an unfinished run
 
 
 def compare(overrides: dict[str, Any], methods: list[str], densities: list[float], seeds: list[int],

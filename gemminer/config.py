@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ def resolve(overrides: dict[str, Any]) -> RunConfig:
     """Build the run config from defaults, the data set's preset and `overrides` (nested dict)."""
     from gemminer.methods import method_class  # the method decides the search section's type
 
+    for section in SECTIONS:
+        if section in overrides and overrides[section] is not None and not isinstance(overrides[section], dict):
+            raise GemminerError(f"config key {section!r} must be a section (a mapping), got {overrides[section]!r}")
     config = RunConfig()
     top = {key: value for key, value in overrides.items() if key not in SECTIONS}
     _apply(config, top)
@@ -210,6 +214,10 @@ def resolve(overrides: dict[str, Any]) -> RunConfig:
         for section in ("model", "search", "finetune"):
             if layer.get(section):
                 _apply(getattr(config, section), layer[section], f"{section}.")
+    if config.model.name is None:  # resolved here, so a saved config and a new one compare equal
+        from gemminer.models import default_model
+
+        config.model.name = default_model(config.data.name)
     if config.finetune.epochs is None:
         config.finetune.epochs = _default_finetune_epochs(config)
     validate(config)
@@ -230,6 +238,11 @@ def validate(config: RunConfig) -> None:
     """Reject values no run can use, with the allowed values in the message."""
     if not 0 < config.density <= 1:
         raise GemminerError(f"density must be in (0, 1], got {config.density}")
+    if config.model.width is not None and config.model.width < 1:
+        raise GemminerError(f"model.width must be >= 1, got {config.model.width}")
+    finetune = config.finetune
+    if not all(math.isfinite(v) for v in (finetune.lr, finetune.momentum, finetune.weight_decay)) or finetune.lr <= 0:
+        raise GemminerError("finetune.lr must be a finite number > 0 (and momentum, weight_decay finite)")
     if config.checkpoint_every < 0:
         raise GemminerError("checkpoint_every must be >= 0")
     if config.bn_recalibration_batches < 0:

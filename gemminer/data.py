@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ def load_mnist1d(data_dir: Path | None = None, num_samples: int = 5000) -> Datas
         try:
             with np.load(cache, allow_pickle=False) as arrays:
                 x, y, x_test, y_test = (arrays[key] for key in ("x", "y", "x_test", "y_test"))
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise GemminerError(f"cannot read data cache {cache}: {err}; delete it to rebuild") from err
     else:
         x, y, x_test, y_test = _make_mnist1d(num_samples)

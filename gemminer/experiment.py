@@ -24,7 +24,7 @@ from gemminer.finetune import finetune
 from gemminer.init import initialize_weights
 from gemminer.masking import prunable_names, remove_masks
 from gemminer.methods import method_class
-from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
+from gemminer.models import build_model
 from gemminer.runs import RunFolder
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket, read_safetensors
@@ -65,23 +65,23 @@ class Setup:
                                self.config.bn_recalibration_batches)
 
 
-def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) -> Setup:
-    """Load data and build the initial model (drawn from the seed, or `init_state`).
-    Under torchrun this joins the process group first."""
+def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
+          weights_seed: int | None = None) -> Setup:
+    """Load data and build the initial model (drawn from `weights_seed`, default the run's
+    seed, or loaded from `init_state`). Under torchrun this joins the process group first."""
+    weights_seed = config.seed if weights_seed is None else weights_seed
     device = distributed.init_from_env(resolve_device(config.device))
     if config.bf16 and device.type != "cuda":
         raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
     data = config.data
     dataset = load_dataset(data.name, data.dir, data.num_samples, download=data.download, limit=data.limit,
                            val_size=data.val_size)
-    if config.model.name is None:
-        config.model.name = DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
-    torch.manual_seed(make_generator(config.seed, "model").initial_seed())  # layers draw from the global RNG
+    torch.manual_seed(make_generator(weights_seed, "model").initial_seed())  # layers draw from the global RNG
     model = build_model(config.model.name, dataset.input_shape, dataset.num_classes,
                         affine_bn=config.model.affine_bn, bias=config.model.bias, width=config.model.width)
     names = prunable_names(model, config.model.prune_first, config.model.prune_last)
     if init_state is None:
-        initialize_weights(model, names, config.model.weight_init, make_generator(config.seed, "weights"))
+        initialize_weights(model, names, config.model.weight_init, make_generator(weights_seed, "weights"))
     else:
         try:
             model.load_state_dict(init_state, strict=True)
@@ -89,6 +89,7 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
             first = str(err).strip().splitlines()
             raise GemminerError(f"initial weights do not fit model {config.model.name}: "
                                 f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from err
+    check_output_shape(model, dataset)
     dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)  # once: batches are slices
     dataset.val = dataset.val.to(device) if dataset.val is not None else None
     model = model.to(device)
@@ -97,6 +98,25 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None) 
     if config.bf16:
         enable_autocast(model, torch.bfloat16)
     return Setup(config, device, dataset, model)
+
+
+@torch.no_grad()
+def check_output_shape(model: nn.Module, dataset: Dataset) -> None:
+    """One forward pass on two test samples, before any folder is written: a model that
+    does not fit the data is bad input, not a failure in the middle of a search."""
+    transform = dataset.transform() or (lambda inputs: inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(transform(dataset.test.x[:2]))
+    except Exception as err:  # any shape or dtype mismatch inside a user's model
+        raise GemminerError(f"model {type(model).__name__} fails on {dataset.name} inputs of shape "
+                            f"{tuple(dataset.input_shape)}: {str(err).splitlines()[0]}") from err
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (2, dataset.num_classes):
+        raise GemminerError(f"model output has shape {tuple(logits.shape[1:])} per sample; {dataset.name} needs "
+                            f"({dataset.num_classes},) class scores")
 
 
 @contextmanager
@@ -126,7 +146,7 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
         if resuming:
             loop = checkpoint.state.get("loop") or {}
             folder.rewrite_metrics(checkpoint.pipeline["rows"] + loop.get("history", []))
-            where = "the last completed phase"
+            where = "the last completed phase" if checkpoint.state else "its start (no checkpoint was written yet)"
             if loop:
                 step = f", step {loop['partial']['steps']}" if loop.get("partial") else ""
                 where = f"{loop['phase']} epoch {loop['epoch'] + 1}{step}"
@@ -255,7 +275,8 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
     """Fine-tune a saved ticket into a new run folder (resumable like `mine`). Without
     `init`, the weights are drawn from the config's seed and init scheme (a warning
     says if they differ from the ticket's)."""
-    run = setup(config, init_state=init)
+    # without --init, the weights are the ticket's own draw: its seed, whatever --seed says of the data order
+    run = setup(config, init_state=init, weights_seed=_int_or_none(ticket.metadata.get("seed")))
     ticket.check(run.model, strict_init=strict)
 
     def initial_files(folder: RunFolder) -> None:
@@ -274,3 +295,7 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
                    "processes": distributed.world_size()}
         folder.finish(summary)
     return summary
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None

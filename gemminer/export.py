@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from gemminer.data import load_dataset
 from gemminer.errors import GemminerError
 from gemminer.experiment import load_run
-from gemminer.models import DEFAULT_MODEL_FOR_DATA, build_model
+from gemminer.models import build_model, default_model
 from gemminer.runs import RunFolder
 from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
@@ -214,7 +214,7 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
     state = init if weights == "init" else read_safetensors(folder.file("finetuned.safetensors"),
                                                             what="fine-tuned weights")[0]
     dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)  # for the input shape
-    config.model.name = config.model.name or DEFAULT_MODEL_FOR_DATA.get(dataset.name, "mlp")
+    config.model.name = config.model.name or default_model(dataset.name)
     metadata = {"model_spec": model_spec(config, dataset.input_shape, dataset.num_classes), "weights": weights,
                 "method": ticket.metadata.get("method", "unknown"), "seed": config.seed}
     out = Path(out) if out else folder.file(f"export-{weights}-{export_format}.safetensors")

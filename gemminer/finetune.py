@@ -18,7 +18,8 @@ from gemminer.train import Batch, evaluate, fit
 def paper_milestones(epochs: int) -> list[int]:
     """The official code's multistep milestones for E epochs."""
     known = {100: [50, 80], 150: [80, 120], 200: [100, 150], 300: [150, 250]}
-    return known.get(epochs, [epochs // 2, (2 * epochs) // 3])
+    milestones = known.get(epochs, [epochs // 2, (2 * epochs) // 3])
+    return sorted({m for m in milestones if 0 < m < epochs})  # short runs: no drop at 0, none twice
 
 
 def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None, epochs: int = 30,

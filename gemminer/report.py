@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gemminer.errors import GemminerError
 from gemminer.masking import PRUNABLE_TYPES
 from gemminer.ticket import Ticket
 from gemminer.train import model_device
@@ -65,7 +66,10 @@ def plot_layer_density(ticket: Ticket, path: str | os.PathLike) -> Path:
         axes.set_title(f"per-layer density{f'; {collapsed} collapsed layer(s) in red' if collapsed else ''}")
         axes.legend(fontsize=8)
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
+        try:
+            figure.savefig(path, dpi=100)
+        except OSError as err:
+            raise GemminerError(f"cannot write the density chart {path}: {err.strerror or err}") from err
     finally:
         plt.close(figure)
     return Path(path)

@@ -63,7 +63,8 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
-        for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt"):  # never look finished
+        for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
+                      "gem.safetensors", "finetuned.safetensors"):  # nothing of an earlier run survives
             self.file(stale).unlink(missing_ok=True)
         write_atomic(self.file("config.yaml"), dump_yaml(config))
 
@@ -74,13 +75,21 @@ class RunFolder:
         differing = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
         if differing:
             details = ", ".join(f"{key} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing[:6])
-            raise GemminerError(f"{self.path} holds an unfinished run with another config: {details}; "
+            state = "a finished" if self.finished else "an unfinished"
+            raise GemminerError(f"{self.path} holds {state} run with another config: {details}; "
                                 "pass --force to start it over")
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one metrics row to metrics.csv and metrics.jsonl (and TensorBoard)."""
         if not self.writer:
             return
+        try:
+            self._append_metrics(row)
+        except OSError as err:
+            raise GemminerError(f"cannot write metrics in {self.path}: {err.strerror}; the last checkpoint there "
+                                "is intact") from err
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.file("metrics.jsonl"), "a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:

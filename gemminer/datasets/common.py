@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def cached_arrays(name: str, files: list[Path], decode: Callable[[], dict[str, n
         try:
             with np.load(path, allow_pickle=False) as stored:
                 return {key: stored[key] for key in stored.files}
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise GemminerError(f"cannot read data cache {path}: {err}; delete it to rebuild") from err
     arrays = decode()
     arrays["mean"], arrays["std"] = channel_stats(arrays["x_train"])

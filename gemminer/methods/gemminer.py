@@ -10,6 +10,7 @@ round(N * density) alive. With `unflag` the ticket is `alive`.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class GemMinerConfig:
                                     ("score_init", self.score_init, ("uniform", "ones"))):
             if value not in allowed:
                 raise GemminerError(f"unknown search.{key} {value!r}; allowed: {', '.join(allowed)}")
+        if not (math.isfinite(self.reg_lambda) and math.isfinite(self.lr) and math.isfinite(self.momentum)):
+            raise GemminerError("search.reg_lambda, search.lr and search.momentum must be finite numbers")
         if self.reg_lambda < 0 or self.lr <= 0:
             raise GemminerError("search.reg_lambda must be >= 0 and search.lr > 0")
 

@@ -32,6 +32,11 @@ DEFAULT_MODEL_FOR_DATA = {
 }
 
 
+def default_model(data_name: str) -> str:
+    """The bundled model a data set gets when none is named (``imagefolder:PATH`` -> resnet18)."""
+    return DEFAULT_MODEL_FOR_DATA.get(data_name.split(":", 1)[0], "mlp")
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, affine_bn: bool = False,
                 bias: bool = False, width: int | None = None) -> nn.Module:
     """Build a registered model (paper defaults: non-affine BatchNorm, no biases), or an

@@ -1,0 +1,76 @@
+"""Bad input found in review: each is one clear error (or the right behaviour), never a traceback."""
+
+import warnings
+
+import pytest
+
+from gemminer.cli import _overrides, build_parser, main
+from gemminer.config import resolve
+from gemminer.errors import GemminerError
+from gemminer.finetune import paper_milestones
+
+TINY = ["--data-num-samples", "500", "--model-width", "8", "--epochs", "2", "--search-freeze-period", "1",
+        "--finetune-epochs", "1", "--bn-recalibration-batches", "2", "--quiet"]
+
+
+def test_short_finetuning_milestones_never_drop_at_zero_or_twice():
+    assert paper_milestones(150) == [80, 120]
+    assert paper_milestones(1) == []
+    assert paper_milestones(2) == [1]
+    assert paper_milestones(30) == [15, 20]
+
+
+def test_sparsity_gives_the_exact_density():
+    args = build_parser().parse_args(["mine", "--out", "x", "--sparsity", "0.98"])
+    assert resolve(_overrides(args)).density == 0.02
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data": 5}, "must be a section"),
+    ({"model": {"width": 0}}, "model.width must be >= 1"),
+    ({"search": {"reg_lambda": float("nan")}}, "finite"),
+    ({"finetune": {"lr": float("inf")}}, "finite"),
+])
+def test_invalid_config_values(overrides, message):
+    with pytest.raises(GemminerError, match=message):
+        resolve(overrides)
+
+
+def test_truncated_data_cache_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "mnist1d-500.npz").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["mine", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path), *TINY]) == 2
+    assert "cannot read data cache" in capsys.readouterr().err
+
+
+def wrong_head():
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 3))
+
+
+def test_model_that_does_not_fit_the_data_is_rejected_before_any_folder(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["mine", "--out", str(out), "--model", "tests.test_bad_input:wrong_head", "--data-dir", data_dir,
+                 *TINY]) == 2
+    assert "needs (10,) class scores" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compare_refuses_stale_runs_and_per_run_flags(tmp_path, data_dir, capsys):
+    base = ["compare", "--out", str(tmp_path / "cmp"), "--methods", "gemminer", "--no-dense", "--data-dir", data_dir,
+            *TINY]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--search-reg-lambda", "0"]) == 2
+    assert "finished run with another config: search.reg_lambda" in capsys.readouterr().err
+    assert main([*base, "--density", "0.3"]) == 2
+    assert "compare takes --densities, not --density" in capsys.readouterr().err
+
+
+def test_finetune_seed_changes_the_data_order_not_the_weights(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert main(["mine", "--out", str(run), "--data-dir", data_dir, *TINY]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an InitHashMismatch warning would fail here
+        assert main(["finetune", "--ticket", str(run / "ticket.safetensors"), "--seed", "3", "--epochs", "1",
+                     "--out", str(tmp_path / "ft"), "--quiet"]) == 0
