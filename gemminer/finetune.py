@@ -11,8 +11,8 @@ from torch import nn
 from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.config import FinetuneConfig
-from gemminer.methods.base import MetricsLog, stateful_streams
-from gemminer.train import Batch, evaluate, fit
+from gemminer.methods.base import MetricsLog
+from gemminer.train import Batch, evaluate, fit, stateful_streams
 
 
 def paper_milestones(epochs: int) -> list[int]:

@@ -20,6 +20,7 @@ from gemminer.errors import GemminerError
 from gemminer.masking import attach_fixed_masks
 
 Batch = tuple[Tensor, Tensor]
+STOP_CHECK_STEPS = 16  # under torchrun, ranks agree on a SIGINT/SIGTERM stop every this many steps
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -141,6 +142,13 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     return EpochStats(mean_loss, correct / max(samples, 1), int(samples))
 
 
+def stateful_streams(**streams: object) -> dict[str, object]:
+    """The data streams whose position can be checkpointed (the toolkit's Batches; a
+    plain DataLoader has no state_dict and restarts its epoch on resume)."""
+    return {name: stream for name, stream in streams.items()
+            if stream is not None and hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")}
+
+
 def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None, epochs: int, *, phase: str,
         end_of_epoch: Callable[[int], dict[str, Any]] | None = None, after_step: Callable[[], None] | None = None,
@@ -169,8 +177,12 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
         checkpoint.save(loop, state)
 
     def stop_if_requested(epoch: int, running: EpochProgress | None) -> None:
-        name = checkpoint.stop_requested() if checkpoint is not None else None
-        if checkpoint is not None and distributed.any_rank(name is not None, device):
+        if checkpoint is None:
+            return
+        if running is not None and distributed.active() and running.steps % STOP_CHECK_STEPS:
+            return  # agreeing on a stop is a collective (and a host sync): not on every step
+        name = checkpoint.stop_requested()
+        if distributed.any_rank(name is not None, device):
             if running is not None and not bool(torch.isfinite(running.loss_sum)):
                 raise Diverged("training diverged (loss is not finite); the last good checkpoint is kept")
             save(epoch, running)
@@ -213,10 +225,6 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EpochStats:
         samples += len(targets)
     model.train(was_training)
     return EpochStats(loss_sum / max(samples, 1), correct / max(samples, 1), samples)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @torch.no_grad()

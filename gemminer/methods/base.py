@@ -128,9 +128,3 @@ class PruningMethod(ABC):
                     "init_hash": init_hash(model), **extra}
         return Ticket({name: mask.detach().to("cpu").bool() for name, mask in masks.items()}, metadata)
 
-
-def stateful_streams(**streams: object) -> dict[str, object]:
-    """The data streams whose position can be checkpointed (the toolkit's Batches; a
-    plain DataLoader has no state_dict and restarts its epoch on resume)."""
-    return {name: stream for name, stream in streams.items()
-            if stream is not None and hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")}

@@ -22,10 +22,11 @@ from torch import nn
 from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
+from gemminer.init import init_hash
 from gemminer.masking import ScoreMask, attach
-from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult, stateful_streams
+from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm
+from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm, stateful_streams
 
 
 @dataclass
@@ -156,7 +157,7 @@ class GemMiner(PruningMethod):
         pairs = list(zip(names, score_masks, strict=True))
         alive_masks = {name: m.alive.bool() for name, m in pairs}
         gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in pairs}
-        extra = {"search_epochs": config.epochs, "freeze_period": config.freeze_period,
+        extra = {"init_hash": init_hash(model), "search_epochs": config.epochs, "freeze_period": config.freeze_period,
                  "reg_lambda": config.reg_lambda}
         gem = self.make_ticket(model, gem_masks, mask="gem", **extra)
         # Without freezing every weight stays alive: the found mask is 1[s > 0.5] (Gem-Miner(0)).
