@@ -117,7 +117,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     _add_config_flags(mine, method)
 
     evaluate = commands.add_parser("eval", help="accuracy of a ticket (and rare gem) at init, BN recalibrated")
-    evaluate.add_argument("--run", help="run folder")
+    evaluate.add_argument("--run", help="run folder (its start weights where it has them: IMP's rewind point)")
     evaluate.add_argument("--ticket", help="ticket file (with --init)")
     evaluate.add_argument("--init", help="initial weights (safetensors)")
     evaluate.add_argument("--strict", action="store_true", help="initial-weight hash mismatch is an error")
@@ -127,7 +127,8 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     tune = commands.add_parser("finetune", help="fine-tune a saved ticket from its initial weights")
     tune.add_argument("--ticket", help="ticket file")
     tune.add_argument("--init", help="initial weights (default: drawn from the ticket's config and seed)")
-    tune.add_argument("--run", help="take ticket and initial weights from this run folder")
+    tune.add_argument("--run", help="take ticket and initial weights (IMP: its start weights and step) from this "
+                                    "run folder")
     tune.add_argument("--out", required=True, help="new run folder")
     tune.add_argument("--force", action="store_true", help="overwrite a finished run")
     tune.add_argument("--strict", action="store_true", help="initial-weight hash mismatch is an error")
@@ -162,7 +163,8 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's model with pruned weights 0: dense, or sparse (CSR)")
     export.add_argument("--run", required=True, help="run folder")
     export.add_argument("--format", default="dense", help="dense | sparse (default %(default)s)")
-    export.add_argument("--weights", default="finetuned", help="finetuned | init (default %(default)s)")
+    export.add_argument("--weights", default="finetuned",
+                        help="finetuned | init | start (IMP's rewind point) (default %(default)s)")
     export.add_argument("--out", help="file (default: <run>/export-<weights>-<format>.safetensors)")
     return parser
 
@@ -214,7 +216,12 @@ def _ticket_and_init(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from gemminer.ticket import Ticket, read_safetensors
 
     if args.run:
-        return load_run(args.run)
+        from gemminer.experiment import read_start
+        from gemminer.runs import RunFolder
+
+        config, ticket, gem, init = load_run(args.run)
+        start = read_start(RunFolder(args.run))  # IMP: the ticket trains (and is measured) from these
+        return config, ticket, gem, init if start is None else start
     if not args.ticket:
         raise GemminerError("give --run DIR, or --ticket FILE (with --init FILE)")
     ticket = Ticket.load(args.ticket)

@@ -42,14 +42,18 @@ class ModelConfig:
     width: int | None = field(default=None, metadata={"help": "width multiplier of the bundled model"})
     affine_bn: bool = field(default=False, metadata={"help": "BatchNorm with affine parameters (paper: off)"})
     bias: bool = field(default=False, metadata={"help": "layers with biases (paper: off)"})
-    weight_init: str = field(default="signed_constant",
-                             metadata={"help": "signed_constant | kaiming_normal | keep (the model's own)"})
+    weight_init: str | None = field(default=None, metadata={
+        "help": "signed_constant | kaiming_normal | keep (the model's own); default: the method's published init "
+                "(signed_constant for gemminer and edge-popup, kaiming_normal for the others)"})
     prune_first: bool = field(default=True, metadata={"help": "prune the first layer"})
     prune_last: bool = field(default=True, metadata={"help": "prune the last layer"})
 
 
 @dataclass
 class FinetuneConfig:
+    """How the ticket trains. Defaults are the Gem-Miner paper's fine-tuning; methods published
+    with standard dense training get the data set's dense recipe instead (`RECIPES`)."""
+
     epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (default: the search epochs)"})
     lr: float = field(default=0.01, metadata={"help": "learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
@@ -78,6 +82,14 @@ class RunConfig:
     search: Any = None  # the method's own config dataclass, filled in by `resolve`
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+
+# Training recipes of tickets, over FinetuneConfig's defaults (the "gemminer" recipe): "dense" is
+# the standard dense recipe a method was published with (ResNet-20 / CIFAR-10: SGD lr 0.1, momentum
+# 0.9, weight decay 1e-4, multistep x0.1). A method's class names its recipe.
+RECIPES: dict[str, dict[str, Any]] = {
+    "gemminer": {},
+    "dense": {"lr": 0.1},
+}
 
 # Tuned defaults per data set (the paper's stay available with preset "paper").
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -205,15 +217,18 @@ def resolve(overrides: dict[str, Any]) -> RunConfig:
         raise GemminerError(f"unknown preset {config.preset!r}; allowed: auto, paper")
     method = method_class(config.method)
     config.search = method.Config()
-    layers = [overrides]
+    layers = [{"finetune": RECIPES[method.recipe]}, overrides]
     if config.preset == "auto":
         preset = PRESETS.get(config.data.name, {})
-        layers.insert(0, {"search": preset.get(f"search:{config.method}", {}),
-                          **{k: v for k, v in preset.items() if ":" not in k}})
+        layers.insert(1, {"search": preset.get(f"search:{config.method}", {}),
+                          "finetune": merge(preset.get("finetune", {}), preset.get(f"finetune:{method.recipe}", {})),
+                          **{k: v for k, v in preset.items() if ":" not in k and k != "finetune"}})
     for layer in layers:
         for section in ("model", "search", "finetune"):
             if layer.get(section):
                 _apply(getattr(config, section), layer[section], f"{section}.")
+    if config.model.weight_init is None:  # the method's published init, written out in config.yaml
+        config.model.weight_init = method.weight_init
     if config.model.name is None:  # resolved here, so a saved config and a new one compare equal
         from gemminer.models import default_model
 
@@ -243,6 +258,11 @@ def validate(config: RunConfig) -> None:
     finetune = config.finetune
     if not all(math.isfinite(v) for v in (finetune.lr, finetune.momentum, finetune.weight_decay)) or finetune.lr <= 0:
         raise GemminerError("finetune.lr must be a finite number > 0 (and momentum, weight_decay finite)")
+    from gemminer.init import WEIGHT_INITS
+
+    if config.model.weight_init not in WEIGHT_INITS:
+        raise GemminerError(f"unknown model.weight_init {config.model.weight_init!r}; "
+                            f"allowed: {', '.join(WEIGHT_INITS)}")
     if config.checkpoint_every < 0:
         raise GemminerError("checkpoint_every must be >= 0")
     if config.bn_recalibration_batches < 0:

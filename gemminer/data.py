@@ -153,14 +153,16 @@ class Dataset:
         return tuple(self.train.x.shape[1:])
 
     def transform(self, train: bool = False, generator: torch.Generator | None = None,
-                  augment: bool = True) -> Callable[[Tensor], Tensor] | None:
+                  augment: bool = True, channels_last: bool = False) -> Callable[[Tensor], Tensor] | None:
         """The per-batch transform: normalization, plus augmentation for training batches
-        (`train` and `augment`, drawn from `generator`). None for data stored as floats."""
+        (`train` and `augment`, drawn from `generator`). None for data stored as floats.
+        `channels_last` lays image batches out NHWC (for CUDA: on some CPUs oneDNN's NHWC
+        backward of strided 1x1 convolutions corrupts memory in torch 2.13)."""
         from gemminer.transforms import ImageTransform
 
         if self.mean is None or self.std is None:
             return None
-        channels_last = len(self.input_shape) == 3
+        channels_last = channels_last and len(self.input_shape) == 3
         if train and augment and self.augmentation == "crop_flip":
             return ImageTransform(self.mean, self.std, crop_padding=self.input_shape[-1] // 8, flip=True,
                                   generator=generator, channels_last=channels_last)

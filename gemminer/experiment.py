@@ -21,7 +21,7 @@ from gemminer.config import RunConfig, load_yaml, merge, resolve, to_dict
 from gemminer.data import Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
-from gemminer.init import initialize_weights
+from gemminer.init import init_hash, initialize_weights
 from gemminer.masking import prunable_names, remove_masks
 from gemminer.methods import method_class
 from gemminer.models import build_model
@@ -45,7 +45,8 @@ class Setup:
         (BatchNorm recalibration gets them too: the statistics training sees)."""
         generator = make_generator(self.config.seed, stream)
         transform = self.dataset.transform(train=True, augment=self.config.data.augment,
-                                           generator=make_generator(self.config.seed, f"{stream}-augment", self.device))
+                                           generator=make_generator(self.config.seed, f"{stream}-augment", self.device),
+                                           channels_last=self.channels_last)
         return Batches(self.dataset.train, self.config.data.batch_size, shuffle=True, generator=generator,
                        transform=transform, rank=distributed.rank(), world_size=distributed.world_size())
 
@@ -53,16 +54,31 @@ class Setup:
     def test(self) -> Batches:
         """The evaluation split (test, or val with data.eval_split val), normalized, not augmented."""
         split = self.dataset.val if self.config.data.eval_split == "val" else self.dataset.test
-        return Batches(split, self.config.data.eval_batch_size, transform=self.dataset.transform(train=False))
+        return Batches(split, self.config.data.eval_batch_size,
+                       transform=self.dataset.transform(train=False, channels_last=self.channels_last))
+
+    @property
+    def channels_last(self) -> bool:
+        """NHWC images and convolutions on CUDA only: on some CPUs (AVX2, torch 2.13) oneDNN's
+        NHWC backward of a strided 1x1 convolution corrupts the heap."""
+        return self.device.type == "cuda"
 
     @property
     def prunable(self) -> list[str]:
         return prunable_names(self.model, self.config.model.prune_first, self.config.model.prune_last)
 
-    def at_init_accuracy(self, ticket: Ticket) -> float:
-        """Accuracy of the untrained weights under `ticket`, BatchNorm recalibrated."""
-        return masked_accuracy(self.model, ticket.masks, self.test, self.batches("bn-recalibration"),
-                               self.config.bn_recalibration_batches)
+    def at_init_accuracy(self, ticket: Ticket, model: nn.Module | None = None) -> float:
+        """Accuracy of the untrained weights (or `model`'s) under `ticket`, BatchNorm recalibrated."""
+        return masked_accuracy(self.model if model is None else model, ticket.masks, self.test,
+                               self.batches("bn-recalibration"), self.config.bn_recalibration_batches)
+
+    def model_with(self, state: dict[str, torch.Tensor] | None) -> nn.Module:
+        """The initial model, or a copy holding `state` (start weights) where one is given."""
+        if state is None:
+            return self.model
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(state, strict=True)
+        return model
 
 
 def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
@@ -93,8 +109,8 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
     dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)  # once: batches are slices
     dataset.val = dataset.val.to(device) if dataset.val is not None else None
     model = model.to(device)
-    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
-        model = model.to(memory_format=torch.channels_last)  # batches of images arrive channels_last too
+    if device.type == "cuda" and any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        model = model.to(memory_format=torch.channels_last)  # and so do batches of images (Setup.channels_last)
     if config.bf16:
         enable_autocast(model, torch.bfloat16)
     return Setup(config, device, dataset, model)
@@ -178,40 +194,47 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
 def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: Checkpointer,
                  progress: bool) -> dict[str, Any]:
     pipeline = checkpoint.pipeline
+    method_cls = method_class(config.method)
     if "search" not in pipeline:
-        method = method_class(config.method)(
+        method = method_cls(
             config.density, config.search, seed=config.seed, device=run.device,
             prune_first=config.model.prune_first, prune_last=config.model.prune_last,
-            progress=progress and distributed.is_main(), bn_recalibration_batches=config.bn_recalibration_batches)
+            progress=progress and distributed.is_main(), bn_recalibration_batches=config.bn_recalibration_batches,
+            training=config.finetune)
         result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
                                recalibration=run.batches("bn-recalibration"), checkpoint=checkpoint)
-        metadata = {"model": config.model.name, "data": config.data.name,
-                    "run_config": json.dumps(to_dict(config))}
-        for ticket in (result.ticket, result.gem):
-            ticket.metadata.update(metadata)
-        folder.write_ticket(result.ticket, "ticket.safetensors")
-        folder.write_ticket(result.gem, "gem.safetensors")
-        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds}
-        pipeline["rows"] += result.history
+        write_search_files(config, folder, result)
+        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds, "start_point": result.start_point}
+        pipeline["rows"] = list(result.history)  # the search is the first phase: its rows are all there are
+        pipeline.pop("method_state", None)  # its files are written: the method's progress is not needed again
         checkpoint.save(None)  # the search is done: a resume starts at fine-tuning
     ticket = Ticket.load(folder.file("ticket.safetensors"))
     gem = Ticket.load(folder.file("gem.safetensors"))
+    start = read_start(folder)
     collapsed = [layer.name for layer in ticket.layers() if layer.remaining == 0]
     if collapsed and distributed.is_main():
         warnings.warn(f"layer collapse: no weight left in {', '.join(collapsed)}", LayerCollapse, stacklevel=2)
 
-    acc_before = run.at_init_accuracy(gem)
-    acc_ticket = acc_before if gem.same_masks(ticket) else run.at_init_accuracy(ticket)
-    history, finetune_seconds = train_ticket(run, ticket, folder, progress, checkpoint)
+    start_model = run.model_with(start)
+    acc_before = run.at_init_accuracy(gem, start_model)
+    acc_ticket = acc_before if gem.same_masks(ticket) else run.at_init_accuracy(ticket, start_model)
+    history, finetune_seconds = train_ticket(run, ticket, folder, progress, checkpoint, start_model,
+                                             start_step_of(ticket))
+    start_point = pipeline["search"].get("start_point", "init")
     summary = {
         "method": config.method, "data": config.data.name, "model": config.model.name, "seed": config.seed,
         "density_target": ticket.metadata["density_target"], "density_actual": ticket.density,
         "density_gem": gem.density,
         "acc_before_finetune": acc_before, "acc_ticket_at_init": acc_ticket,
+        # only weights at initialization make an "at init" accuracy; IMP's rewound or trained ones do not
+        "acc_before_finetune_weights": start_point, "acc_before_finetune_at_init": start_point == "init",
         "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
         "acc_best_finetune": max((row["test_acc"] for row in history), default=acc_ticket),
         "epochs_to_ticket": pipeline["search"]["epochs"], "finetune_epochs": len(history),
         "search_seconds": pipeline["search"]["seconds"], "finetune_seconds": finetune_seconds,
+        "weight_init": config.model.weight_init, "recipe": method_cls.recipe,
+        "training": {key: value for key, value in to_dict(config.finetune).items()},
+        "start_point": start_point, "start_step": start_step_of(ticket),
         "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
         "torch": torch.__version__, "gemminer": __version__,
     }
@@ -219,18 +242,60 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
     return summary
 
 
+def _density_name(density: float) -> str:
+    return f"d{density:g}"
+
+
+def write_search_files(config: RunConfig, folder: RunFolder, result: Any) -> None:
+    """The search's artifacts: ticket and gem; where the method made them, the start weights
+    (start.safetensors), the ranking scores (scores.safetensors), a ticket per stop
+    (tickets/d<density>.safetensors, with -start files where each has its own start) and
+    tables (rounds.csv)."""
+    metadata = {"model": config.model.name, "data": config.data.name, "run_config": json.dumps(to_dict(config))}
+    for ticket in (result.ticket, result.gem, *result.tickets.values()):
+        ticket.metadata.update(metadata)
+    folder.write_ticket(result.ticket, "ticket.safetensors")
+    folder.write_ticket(result.gem, "gem.safetensors")
+    if result.start_state is not None:
+        folder.write_state(result.start_state, "start.safetensors")
+    if result.scores is not None:
+        folder.write_state(result.scores, "scores.safetensors")
+    if result.tickets and folder.writer:
+        folder.file("tickets").mkdir(exist_ok=True)
+    for density, ticket in result.tickets.items():
+        folder.write_ticket(ticket, f"tickets/{_density_name(density)}.safetensors")
+        if density in result.start_states:
+            folder.write_state(result.start_states[density], f"tickets/{_density_name(density)}-start.safetensors")
+    for name, rows in result.tables.items():
+        folder.write_table(rows, name)
+
+
+def read_start(folder: RunFolder) -> dict[str, torch.Tensor] | None:
+    """The run's start weights (start.safetensors), where its ticket does not train from init."""
+    path = folder.file("start.safetensors")
+    return read_safetensors(path, what="start weights")[0] if path.is_file() else None
+
+
+def start_step_of(ticket: Ticket) -> int:
+    """The optimizer step the ticket's training starts at (IMP after rewinding to epoch E)."""
+    step = ticket.metadata.get("start_step", 0)
+    return step if isinstance(step, int) else 0
+
+
 class LayerCollapse(UserWarning):
     """A ticket keeps no weight at all in some layer."""
 
 
 def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool,
-                 checkpoint: Checkpointer | None = None) -> tuple[list[dict], float]:
-    """Fine-tune `ticket` on the run's initial weights; save the trained sparse weights."""
-    model = copy.deepcopy(run.model)
+                 checkpoint: Checkpointer | None = None, start_model: nn.Module | None = None,
+                 start_step: int = 0) -> tuple[list[dict], float]:
+    """Train `ticket` from the run's initial weights (or `start_model`'s, at `start_step` of
+    the schedule: IMP's last round); save the trained sparse weights."""
+    model = copy.deepcopy(run.model if start_model is None else start_model)
     ticket.apply(model)
     history = finetune(model, run.batches("finetune-order"), run.test, epochs=run.config.finetune.epochs,
                        config=run.config.finetune, log=folder.log, progress=progress and distributed.is_main(),
-                       checkpoint=checkpoint)
+                       checkpoint=checkpoint, start_step=start_step)
     folder.write_state(remove_masks(model).state_dict(), "finetuned.safetensors")
     return history, history[-1]["seconds"] if history else 0.0
 
@@ -283,9 +348,12 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
         folder.write_state(run.model.state_dict(), "init.safetensors")
         folder.write_ticket(ticket, "ticket.safetensors")
 
+    # weights that are the ticket's start weights (IMP's rewind point) join its schedule where IMP did
+    start_step = start_step_of(ticket) if ticket.metadata.get("start_hash") == init_hash(run.model) else 0
+
     with run_session(config, out, force, True, initial_files) as (folder, checkpoint):
         acc_ticket = run.at_init_accuracy(ticket)
-        history, seconds = train_ticket(run, ticket, folder, progress, checkpoint)
+        history, seconds = train_ticket(run, ticket, folder, progress, checkpoint, start_step=start_step)
         summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,
                    "model": config.model.name, "seed": config.seed,
                    "density_target": ticket.metadata.get("density_target"), "density_actual": ticket.density,

@@ -205,14 +205,17 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
 
     Default file: ``<run>/export-<weights>-<format>.safetensors``.
     """
-    if weights not in ("finetuned", "init"):
-        raise GemminerError(f"unknown weights {weights!r}; allowed: finetuned, init")
+    if weights not in ("finetuned", "init", "start"):
+        raise GemminerError(f"unknown weights {weights!r}; allowed: finetuned, init, start")
     if export_format not in EXPORT_FORMATS:
         raise GemminerError(f"unknown export format {export_format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
     config, ticket, _, init = load_run(run_dir)
     folder = RunFolder(run_dir)
-    state = init if weights == "init" else read_safetensors(folder.file("finetuned.safetensors"),
-                                                            what="fine-tuned weights")[0]
+    if weights == "start" and not folder.file("start.safetensors").is_file():
+        raise GemminerError(f"{run_dir} has no start weights (start.safetensors): its ticket trains from init")
+    files = {"finetuned": ("finetuned.safetensors", "fine-tuned weights"),
+             "start": ("start.safetensors", "start weights")}
+    state = init if weights == "init" else read_safetensors(folder.file(files[weights][0]), what=files[weights][1])[0]
     dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)  # for the input shape
     config.model.name = config.model.name or default_model(dataset.name)
     metadata = {"model_spec": model_spec(config, dataset.input_shape, dataset.num_classes), "weights": weights,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.config import FinetuneConfig
+from gemminer.errors import GemminerError
 from gemminer.methods.base import MetricsLog
 from gemminer.train import Batch, evaluate, fit, stateful_streams
 
@@ -24,11 +26,16 @@ def paper_milestones(epochs: int) -> list[int]:
 
 def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None, epochs: int = 30,
              config: FinetuneConfig | None = None, log: MetricsLog | None = None, progress: bool = False,
-             phase: str = "finetune", checkpoint: Checkpointer | None = None) -> list[dict[str, Any]]:
+             phase: str = "finetune", checkpoint: Checkpointer | None = None, start_step: int = 0,
+             after_step: Callable[[], None] | None = None, extra_state: dict[str, Any] | None = None
+             ) -> list[dict[str, Any]]:
     """Train every parameter of `model` (masked through parametrize, or dense) with SGD.
 
     Masked weights stay exactly zero: the mask multiplies the trained original weight.
-    Returns the per-epoch rows (also sent to `log`).
+    Returns the per-epoch rows (also sent to `log`). `start_step` > 0 joins the schedule
+    at that optimizer step (IMP after rewinding to iteration k): the learning-rate
+    schedule stands where it stood then, and only the rest of the epochs train.
+    `after_step` runs after each step; `extra_state` is checkpointed with the loop.
     """
     config = config or FinetuneConfig()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
@@ -39,9 +46,25 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
         milestones = config.milestones if config.milestones is not None else paper_milestones(epochs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
 
+    first_epoch = 0
+    if start_step:
+        if not hasattr(train, "__len__"):
+            raise GemminerError("starting the schedule mid-way needs batches with a length")
+        first_epoch, skip = divmod(start_step, len(train))
+        with warnings.catch_warnings():  # stepping the schedule forward before any optimizer step is the point
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(first_epoch):
+                scheduler.step()
+        if skip:
+            if not hasattr(train, "load_state_dict"):
+                raise GemminerError("starting mid-epoch needs gemminer Batches (a DataLoader cannot skip batches)")
+            train.load_state_dict({"position": skip})  # the first pass starts at batch `skip`
+
     def end_of_epoch(epoch: int) -> dict[str, Any]:
         return {"test_acc": evaluate(model, test).accuracy} if test is not None else {}
 
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **stateful_streams(train=train)}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **stateful_streams(train=train),
+             **(extra_state or {})}
     return fit(distributed.wrap(model), train, optimizer, scheduler, epochs, phase=phase, end_of_epoch=end_of_epoch,
-               log=log, checkpoint=checkpoint, state=state, progress=progress)
+               after_step=after_step, log=log, checkpoint=checkpoint, state=state, progress=progress,
+               first_epoch=first_epoch)

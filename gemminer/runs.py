@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,11 @@ class RunFolder:
         except OSError as err:
             raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
         for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
-                      "gem.safetensors", "finetuned.safetensors"):  # nothing of an earlier run survives
+                      "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
+                      "rounds.csv"):  # nothing of an earlier run survives
             self.file(stale).unlink(missing_ok=True)
+        if self.file("tickets").is_dir():
+            shutil.rmtree(self.file("tickets"))
         write_atomic(self.file("config.yaml"), dump_yaml(config))
 
     def check_same_config(self, config: RunConfig) -> None:
@@ -116,6 +121,17 @@ class RunFolder:
     def write_state(self, state: dict[str, Tensor], name: str) -> None:
         if self.writer:
             save_state(state, self.file(name))
+
+    def write_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """A CSV file of `rows` (columns: every key, in first-seen order), written atomically."""
+        if not self.writer:
+            return
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns, restval="")
+        writer.writeheader()
+        writer.writerows(_format_row(row) for row in rows)
+        write_atomic(self.file(name), buffer.getvalue())
 
     def write_ticket(self, ticket: Ticket, name: str) -> None:
         if self.writer:

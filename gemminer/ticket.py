@@ -123,7 +123,8 @@ class Ticket:
                     f"the ticket's mask {tuple(mask.shape)}"
                 )
         expected = self.metadata.get("init_hash")
-        if expected and expected != init_hash(model):
+        # a ticket trained from other start weights (IMP's rewind point) fits those too
+        if expected and init_hash(model) not in (expected, self.metadata.get("start_hash")):
             message = "the model's weights are not the initial weights this ticket was found on"
             if strict_init:
                 raise GemminerError(message)
@@ -152,8 +153,8 @@ class Ticket:
         if header.get("format_version") != FORMAT_VERSION:
             raise GemminerError(f"{path} is not a gemminer ticket (format_version {header.get('format_version')!r})")
         # these are always strings, even when they look like numbers
-        metadata = decode_header(header, keep_strings=("init_hash", "model", "method", "data", "format_version",
-                                                       "mask"))
+        metadata = decode_header(header, keep_strings=("init_hash", "start_hash", "model", "method", "data",
+                                                       "format_version", "mask", "rewind", "start_point"))
         expected = metadata.pop("masks_sha256", None)
         if expected is not None and expected != masks_digest(masks):
             raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")

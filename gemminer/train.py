@@ -153,7 +153,7 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
         scheduler: torch.optim.lr_scheduler.LRScheduler | None, epochs: int, *, phase: str,
         end_of_epoch: Callable[[int], dict[str, Any]] | None = None, after_step: Callable[[], None] | None = None,
         log: Callable[[dict[str, Any]], None] | None = None, checkpoint: Checkpointer | None = None,
-        state: dict[str, Any] | None = None, progress: bool = False) -> list[dict[str, Any]]:
+        state: dict[str, Any] | None = None, progress: bool = False, first_epoch: int = 0) -> list[dict[str, Any]]:
     """The training loop every method and fine-tuning share.
 
     Per epoch: a pass over `batches`, the scheduler step, `end_of_epoch(epoch)` (which
@@ -161,9 +161,10 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
     With a `checkpoint`, `state` (name -> object with state_dict/load_state_dict) is
     saved every `checkpoint.every_epochs` epochs, at freezing events and on SIGINT or
     SIGTERM (after the current step), and restored when the run stopped inside `phase`.
+    `first_epoch` starts the schedule later (IMP's rounds after a rewind to epoch E).
     """
     history: list[dict[str, Any]] = []
-    first_epoch, partial, elapsed = 0, None, 0.0
+    partial, elapsed = None, 0.0
     saved = checkpoint.phase_state(phase) if checkpoint is not None else None
     if saved is not None:
         checkpoint.restore_objects(state or {})

@@ -299,7 +299,7 @@ def test_flip_mirrors_about_half_and_crop_moves():
 def test_normalization_and_training_batches_stay_aligned(tmp_path):
     write_cifar10_python(tmp_path, per_batch=20)
     data = load_dataset("cifar10", str(tmp_path))
-    plain = data.transform(train=False)
+    plain = data.transform(train=False, channels_last=True)
     assert isinstance(plain, ImageTransform) and not plain.augments
     normalized = plain(data.train.x)
     assert normalized.dtype == torch.float32 and normalized.is_contiguous(memory_format=torch.channels_last)
@@ -320,7 +320,7 @@ def test_normalization_and_training_batches_stay_aligned(tmp_path):
     assert torch.equal(next(iter(Batches(data.train, 4)))[0], data.train.x[:4])  # no transform: raw uint8
 
 
-def test_setup_batches_are_on_device_normalized_channels_last_and_seeded(tmp_path):
+def test_setup_batches_are_on_device_normalized_and_seeded(tmp_path):
     from gemminer.config import resolve
     from gemminer.experiment import setup
 
@@ -328,9 +328,10 @@ def test_setup_batches_are_on_device_normalized_channels_last_and_seeded(tmp_pat
     overrides = {"data": {"name": "cifar10", "dir": str(tmp_path), "batch_size": 8, "val_size": 8,
                           "eval_split": "val"}, "model": {"name": "resnet20", "width": 4}, "device": "cpu"}
     run = setup(resolve(overrides))
-    assert run.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = run.device.type == "cuda"  # NHWC on CUDA only (see Setup.channels_last)
+    assert run.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last) == nhwc
     first = next(iter(run.batches("search-order")))
-    assert first[0].dtype == torch.float32 and first[0].is_contiguous(memory_format=torch.channels_last)
+    assert first[0].dtype == torch.float32 and first[0].is_contiguous(memory_format=torch.channels_last) == nhwc
     again = next(iter(setup(resolve(overrides)).batches("search-order")))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # order and augmentation: the seed's
     other = next(iter(run.batches("finetune-order")))

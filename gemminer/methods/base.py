@@ -23,6 +23,12 @@ from gemminer.train import Batch, resolve_device
 MetricsLog = Callable[[dict[str, Any]], None]
 
 
+def _recipe(name: str) -> dict[str, Any]:
+    from gemminer.config import RECIPES
+
+    return RECIPES[name]
+
+
 @dataclass
 class SearchResult:
     """What a search produced.
@@ -34,6 +40,15 @@ class SearchResult:
     with its score parametrizations still attached), else None.
     init_state: the state dict the ticket was found on when the method re-drew the
     weights (``init`` other than "keep"); None when they were the model's own.
+    scores: the ranking a score-then-threshold method kept the highest of (higher =
+    kept first), so the inverted ticket can be formed the same way; None otherwise.
+    start_state: the weights the ticket's training starts from, where they are not
+    the initial ones (IMP's rewind point, or its trained weights under lr rewinding),
+    with `start_step` the optimizer step of the training schedule it resumes at and
+    `start_point` what those weights are ("init", "epoch:E", "trained").
+    tickets: further tickets of the same search by density (IMP's stops), and
+    start_states their own start weights where they differ from `start_state`.
+    tables: extra CSV files for the run folder by name (IMP's ``rounds.csv``).
     """
 
     ticket: Ticket
@@ -43,6 +58,13 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     network: nn.Module | None = None
     init_state: dict[str, Tensor] | None = None
+    scores: dict[str, Tensor] | None = None
+    start_state: dict[str, Tensor] | None = None
+    start_step: int = 0
+    start_point: str = "init"
+    tickets: dict[float, Ticket] = field(default_factory=dict)
+    start_states: dict[float, dict[str, Tensor]] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,10 +88,18 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoOptions
+    # how the method was published: the weights it draws by default and the recipe its
+    # ticket trains with ("gemminer": the paper's fine-tuning, lr 0.01; "dense": the data
+    # set's standard dense training). The CLI config resolves its defaults from these.
+    weight_init: ClassVar[str] = "kaiming_normal"
+    recipe: ClassVar[str] = "dense"
+    # whether the method ranks weights by a score and keeps the highest (invert sanity check)
+    ranked: ClassVar[bool] = False
 
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
-                 bn_recalibration_batches: int = 20, init: str = "keep", **options: Any) -> None:
+                 bn_recalibration_batches: int = 20, init: str = "keep", training: Any = None,
+                 **options: Any) -> None:
         if not 0 < density <= 1:
             raise GemminerError(f"density must be in (0, 1], got {density}")
         if init not in WEIGHT_INITS:
@@ -83,6 +113,12 @@ class PruningMethod(ABC):
         self.prune_first, self.prune_last, self.progress = prune_first, prune_last, progress
         self.bn_recalibration_batches = bn_recalibration_batches
         self.init = init
+        # the recipe the ticket trains with (a FinetuneConfig); methods that train weights
+        # themselves (IMP's rounds) train with it too
+        from gemminer.config import FinetuneConfig
+
+        self.training = copy.deepcopy(training) if training is not None else FinetuneConfig(
+            **{key: value for key, value in _recipe(self.recipe).items()})
 
     def find(self, model: nn.Module, train: Iterable[Batch]) -> Ticket:
         """The ticket for `model` (its own weights, or re-drawn ones per `init`)."""
@@ -103,7 +139,9 @@ class PruningMethod(ABC):
         With `test`, methods that train report a test accuracy per epoch; with
         `recalibration` (training batches in an order of their own, so the training
         order does not depend on it) BatchNorm statistics are recomputed first.
-        With `checkpoint`, a method that trains saves and resumes its state through it.
+        With `checkpoint`, a method that trains saves and resumes its state through it
+        (state that spans several training loops goes in ``checkpoint.pipeline["method_state"]``,
+        which the pipeline drops once the search's files are written).
         """
         if self.init == "keep":
             return self._search(model, train, test, log, recalibration, checkpoint)

@@ -94,6 +94,8 @@ def freeze_lowest(masks: list[ScoreMask], keep: int) -> None:
 class GemMiner(PruningMethod):
     name = "gemminer"
     Config = GemMinerConfig
+    weight_init = "signed_constant"
+    recipe = "gemminer"
 
     def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
                 log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
