@@ -1,6 +1,7 @@
 """IMP: the density stops, the rewind point, lr rewinding, the ticket's training start, kill and resume."""
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_overrides
 from torch import nn
 
 from gemminer.config import FinetuneConfig
@@ -20,15 +22,13 @@ from gemminer.methods.imp import IMP, density_stops
 from gemminer.methods.scoring import keep_top
 from gemminer.ticket import Ticket, read_safetensors
 
-from conftest import tiny_overrides
-
 
 def test_stops_are_powers_of_0_8_with_requested_densities_inserted():
     stops = density_stops(0.3, 0.2, keep=[0.5])
     assert stops == pytest.approx([0.8, 0.64, 0.512, 0.5, 0.8 ** 4, 0.8 ** 5, 0.3])
     assert density_stops(0.8 ** 3) == pytest.approx([0.8, 0.64, 0.512])  # a grid point is not repeated
     assert density_stops(0.9) == [0.9]
-    for before, after in zip(stops, stops[1:], strict=False):
+    for before, after in itertools.pairwise(stops):
         assert after < before and after >= before * 0.8 - 1e-12  # never more than 20% of the survivors
 
 

@@ -42,6 +42,8 @@ class GemMinerConfig:
     lr_schedule: str = field(default="cosine", metadata={"help": "cosine | constant"})
     score_init: str = field(default="uniform", metadata={"help": "uniform (U(0,1), paper) | ones"})
     unflag: bool = field(default=True, metadata={"help": "ticket = alive flags (paper); off: 1[s>0.5] * alive"})
+    freeze: str = field(default="lowest", metadata={
+        "help": "lowest (paper) | highest: freeze out the highest scores instead (the inversion sanity check)"})
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -53,7 +55,8 @@ class GemMinerConfig:
                                 f"{self.freeze_period + 1} search epochs, got {self.epochs}")
         for key, value, allowed in (("optimizer", self.optimizer, ("sgd", "adam")),
                                     ("lr_schedule", self.lr_schedule, ("cosine", "constant")),
-                                    ("score_init", self.score_init, ("uniform", "ones"))):
+                                    ("score_init", self.score_init, ("uniform", "ones")),
+                                    ("freeze", self.freeze, ("lowest", "highest"))):
             if value not in allowed:
                 raise GemminerError(f"unknown search.{key} {value!r}; allowed: {', '.join(allowed)}")
         if not (math.isfinite(self.reg_lambda) and math.isfinite(self.lr) and math.isfinite(self.momentum)):
@@ -72,10 +75,13 @@ def freeze_schedule(total: int, density: float, epochs: int, period: int) -> dic
 
 
 @torch.no_grad()
-def freeze_lowest(masks: list[ScoreMask], keep: int) -> None:
+def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> None:
     """Freeze out all but `keep` alive weights, over all layers together: the lowest
-    scores go first, ties broken by the global index (layer order, then position)."""
+    scores go first, ties broken by the global index (layer order, then position).
+    `highest` freezes the highest scores first instead (the inverted sanity check)."""
     scores = torch.cat([m.scores.detach().flatten() for m in masks])
+    if highest:
+        scores = -scores
     alive = torch.cat([m.alive.flatten() for m in masks]).bool()
     if keep > int(alive.sum()):
         raise GemminerError("freezing cannot bring weights back")  # schedules only shrink
@@ -136,7 +142,7 @@ class GemMiner(PruningMethod):
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
             if epoch in schedule:
-                freeze_lowest(score_masks, schedule[epoch])
+                freeze_lowest(score_masks, schedule[epoch], highest=config.freeze == "highest")
             with torch.no_grad():
                 alive = sum(int(m.alive.sum()) for m in score_masks)
                 gem = sum(int(((m.scores > 0.5) & m.alive.bool()).sum()) for m in score_masks)
