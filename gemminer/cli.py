@@ -1,4 +1,4 @@
-"""Command line: ``gemminer mine | eval | finetune | compare | report | export``.
+"""Command line: ``gemminer mine | eval | finetune | compare | sanity | report | export``.
 
 Flags for every config field are generated from the dataclasses (``--search-reg-lambda``,
 ``--finetune-lr``, ...); the common ones have short names (``--density``, ``--epochs``).
@@ -154,6 +154,15 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(compare, "gemminer")
 
+    check = commands.add_parser(
+        "sanity", help="sanity checks of a finished run's ticket (Frankle et al. 2021): train its layerwise shuffle, "
+                       "re-initialized weights, inverted ranking; print each one's drop")
+    check.add_argument("--run", required=True, help="finished run folder")
+    check.add_argument("--checks", default="shuffle,reinit,invert",
+                       help="comma-separated: shuffle, reinit, invert (default %(default)s)")
+    check.add_argument("--force", action="store_true", help="retrain finished variants")
+    check.add_argument("--quiet", action="store_true", help="no progress bars")
+
     report = commands.add_parser(
         "report", help="per-layer table (shape, parameters, remaining, density, MACs remaining) and a density PNG")
     report.add_argument("ticket", help="run folder (MACs need its config) or ticket file")
@@ -286,6 +295,16 @@ def _number(text: str, what: str, kind: type) -> Any:
         raise GemminerError(f"bad {what} {text!r} in list") from None
 
 
+def cmd_sanity(args: argparse.Namespace) -> int:
+    from gemminer.sanity import sanity
+
+    report = print if distributed.is_main() else None
+    sanity(args.run, args.checks, force=args.force, progress=not args.quiet, report=report)
+    if distributed.is_main():
+        print(f"written: {Path(args.run) / 'sanity.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from gemminer.report import plot_layer_density
     from gemminer.ticket import Ticket
@@ -317,7 +336,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"mine": cmd_mine, "eval": cmd_eval, "finetune": cmd_finetune, "compare": cmd_compare,
-            "report": cmd_report, "export": cmd_export}
+            "sanity": cmd_sanity, "report": cmd_report, "export": cmd_export}
 
 
 def entry_point() -> None:

@@ -1,0 +1,128 @@
+"""Sanity checks of a ticket (Frankle et al. 2021): is it a real ticket, or only layerwise ratios?
+
+Each check trains a variant of a finished run's ticket with the run's own recipe (the same
+start weights, schedule and epochs as the ticket's training) into ``RUN/sanity/<check>/``:
+
+- ``shuffle``: the mask permuted within each layer (every layer keeps its count);
+- ``reinit``: the same mask on weights freshly drawn from the run's init scheme with another seed
+  (they start the schedule at step 0: they are initial weights);
+- ``invert``: for score-then-keep methods the lowest-ranked d·N weights by the method's own global
+  ranking (``scores.safetensors``); for Gem-Miner a new search that freezes out the highest scores
+  instead of the lowest. Methods without a ranking refuse it.
+
+A method that learns only layerwise ratios loses nothing under these checks; a real ticket does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemminer.config import RunConfig, resolve, to_dict
+from gemminer.errors import GemminerError
+from gemminer.init import init_hash
+from gemminer.methods import method_class
+from gemminer.methods.scoring import keep_bottom
+from gemminer.runs import RunFolder, write_atomic
+from gemminer.seeding import derive_seed, make_generator
+from gemminer.ticket import Ticket, read_safetensors
+
+CHECKS = ("shuffle", "reinit", "invert")
+
+
+def shuffle_layers(ticket: Ticket, generator: torch.Generator) -> Ticket:
+    """The mask permuted within each layer: per-layer counts kept, positions random."""
+    masks = {}
+    for name, mask in ticket.masks.items():
+        flat = mask.flatten()
+        masks[name] = flat[torch.randperm(flat.numel(), generator=generator)].view(mask.shape)
+    return Ticket(masks, {**ticket.metadata, "sanity": "shuffle"})
+
+
+def invert_ranking(ticket: Ticket, scores: dict[str, torch.Tensor]) -> Ticket:
+    """The lowest-ranked weights, as many as the ticket keeps, by the method's own scores."""
+    if set(scores) != set(ticket.masks):
+        raise GemminerError("the run's scores.safetensors names other layers than its ticket")
+    ordered = {name: scores[name] for name in ticket.masks}
+    return Ticket(keep_bottom(ordered, ticket.remaining), {**ticket.metadata, "sanity": "invert"})
+
+
+def _parse_checks(checks: str | list[str]) -> list[str]:
+    names = [c.strip() for c in checks.split(",") if c.strip()] if isinstance(checks, str) else list(checks)
+    for name in names:
+        if name not in CHECKS:
+            raise GemminerError(f"unknown sanity check {name!r}; allowed: {', '.join(CHECKS)}")
+    if not names:
+        raise GemminerError("give at least one sanity check")
+    return names
+
+
+def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = False, progress: bool = False,
+           report: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train each check's variant of the finished run in `run_dir`; write ``sanity.json`` there.
+
+    Returns ``{check: {"acc_after_finetune", "drop", "run"}}`` with drop = the ticket's accuracy after
+    training minus the variant's (percentage points / 100). Finished variants are reused.
+    """
+    from gemminer.experiment import finetune_saved, load_run, mine, read_start, setup
+
+    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
+    names = _parse_checks(checks)
+    config, ticket, _, init = load_run(run_dir)
+    summary = folder.summary()  # refuses an unfinished run
+    method = method_class(config.method)
+    if config.method == "dense":
+        raise GemminerError("the dense reference keeps every weight: it has no ticket to check")
+    if "invert" in names and config.method != "gemminer" and not method.ranked:
+        raise GemminerError(f"method {config.method} keeps no ranking of weights, so its ticket cannot be "
+                            "inverted; run --checks shuffle,reinit")
+    start = read_start(folder)
+    results: dict[str, Any] = {}
+    for check in names:
+        out = run_dir / "sanity" / check
+        variant = RunFolder(out)
+        if variant.finished and not force:
+            variant_summary = variant.summary()
+        elif check == "invert" and config.method == "gemminer":
+            inverted = resolve({**to_dict(config), "search": {**to_dict(config.search), "freeze": "highest"}})
+            variant_summary = mine(inverted, out, force=force, progress=progress)
+        else:
+            weights, variant_ticket = _variant(check, config, ticket, init, start, folder, setup)
+            variant_summary = finetune_saved(config, variant_ticket, weights, out, force=force, progress=progress)
+        accuracy = variant_summary["acc_after_finetune"]
+        drop = summary["acc_after_finetune"] - accuracy
+        results[check] = {"acc_after_finetune": accuracy, "drop": drop,
+                          "run": str(out)}
+        if report is not None:
+            report(f"{check:>8}: {100 * accuracy:.2f}% after training; drop from the ticket's "
+                   f"{100 * summary['acc_after_finetune']:.2f}%: {100 * drop:+.2f} points")
+    document = {"run": str(run_dir), "method": config.method, "density": ticket.density,
+                "acc_after_finetune": summary["acc_after_finetune"], "checks": results}
+    previous = json.loads(folder.file("sanity.json").read_text()) if folder.file("sanity.json").is_file() else {}
+    document["checks"] = {**previous.get("checks", {}), **results}
+    write_atomic(folder.file("sanity.json"), json.dumps(document, indent=2) + "\n")
+    return results
+
+
+def _variant(check: str, config: RunConfig, ticket: Ticket, init: dict[str, torch.Tensor],
+             start: dict[str, torch.Tensor] | None, folder: RunFolder, setup: Callable) -> tuple[dict, Ticket]:
+    """The weights and mask a check trains (the run's start weights unless re-drawn)."""
+    weights = start if start is not None else init
+    if check == "shuffle":
+        return weights, shuffle_layers(ticket, make_generator(config.seed, "sanity-shuffle"))
+    if check == "invert":
+        path = folder.file("scores.safetensors")
+        if not path.is_file():
+            raise GemminerError(f"{folder.path} has no scores.safetensors (the method's ranking) to invert")
+        scores, _ = read_safetensors(path, what="scores")
+        return weights, invert_ranking(ticket, scores)
+    # reinit: another draw of the same scheme; the ticket names those weights as its own
+    fresh = setup(config, weights_seed=derive_seed(config.seed, "sanity-reinit") % (2 ** 31)).model
+    state = {name: tensor.detach().to("cpu") for name, tensor in fresh.state_dict().items()}
+    metadata = {key: value for key, value in ticket.metadata.items() if key not in ("start_hash", "start_step")}
+    return state, Ticket(dict(ticket.masks), {**metadata, "init_hash": init_hash(fresh), "sanity": "reinit"})
