@@ -14,13 +14,18 @@ from gemminer.init import initialize_weights
 from gemminer.masking import prunable_names, remove_masks
 from gemminer.methods import METHODS, PruningMethod, SearchResult
 from gemminer.methods.dense import Dense
+from gemminer.methods.edgepopup import EdgePopup
 from gemminer.methods.gemminer import GemMiner, GemMinerConfig
+from gemminer.methods.grasp import Grasp
+from gemminer.methods.magnitude import Magnitude
 from gemminer.methods.random import RandomTicket
+from gemminer.methods.snip import Snip
+from gemminer.methods.synflow import SynFlow
 from gemminer.models import build_model
 from gemminer.ticket import Ticket
 
 __all__ = [
-    "METHODS", "Batches", "Dense", "GemMiner", "GemMinerConfig", "GemminerError", "PruningMethod", "RandomTicket",
-    "SearchResult", "TensorData", "Ticket", "build_model", "finetune", "initialize_weights", "load_dataset",
-    "prunable_names", "remove_masks",
+    "METHODS", "Batches", "Dense", "EdgePopup", "GemMiner", "GemMinerConfig", "GemminerError", "Grasp", "Magnitude",
+    "PruningMethod", "RandomTicket", "SearchResult", "Snip", "SynFlow", "TensorData", "Ticket", "build_model",
+    "finetune", "initialize_weights", "load_dataset", "prunable_names", "remove_masks",
 ]

@@ -142,14 +142,25 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     tune.add_argument("--device", default=None, help="auto | cpu | cuda")
 
     compare = commands.add_parser(
-        "compare", help="methods x densities x seeds (plus dense training): a table of accuracies and seconds",
-        epilog=DEFAULTS_NOTE)
+        "compare", help="a grid of variants x densities x seeds (plus dense training, sanity checks): results.csv, "
+                        "results.md and plots; in parallel with --jobs or on Ray with --ray", epilog=DEFAULTS_NOTE)
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and results (default %(default)s)")
+    compare.add_argument("--grid", metavar="FILE", help="grid file: base settings, named variants, densities, seeds, "
+                                                        "sanity checks (see README); replaces the next four flags")
     compare.add_argument("--methods", default="gemminer,random",
-                         help="comma-separated; 'random' gets the layerwise density of the gemminer ticket")
+                         help="comma-separated methods, one variant each (default %(default)s)")
     compare.add_argument("--densities", default="0.02", help="comma-separated densities")
     compare.add_argument("--seeds", default="0", help="comma-separated seeds")
+    compare.add_argument("--sanity", default="shuffle",
+                         help="sanity checks of the --sanity-variants (default %(default)s; 'none' for none)")
+    compare.add_argument("--sanity-variants", default="gemminer", help="variants the checks run on (default gemminer)")
     compare.add_argument("--no-dense", action="store_true", help="skip the dense reference")
+    compare.add_argument("--same-training", action="store_true",
+                         help="train every variant's ticket with one recipe (the Gem-Miner paper's fine-tuning, with "
+                              "any --finetune-* flags): the comparison that isolates the mask")
+    compare.add_argument("--jobs", type=int, default=1, help="cells run at once in separate processes (default 1)")
+    compare.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                         help="run the cells as Ray tasks (a local Ray instance without ADDRESS; needs gemminer[ray])")
     compare.add_argument("--force", action="store_true", help="rerun finished runs")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(compare, "gemminer")
@@ -273,18 +284,46 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from gemminer.compare import compare
+    from gemminer.grid import grid_from_flags, load_grid
 
     for flag, instead in (("density", "--densities"), ("sparsity", "--densities"), ("seed", "--seeds"),
                           ("method", "--methods")):
         if getattr(args, flag, None) is not None:
             raise GemminerError(f"compare takes {instead}, not --{flag}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    densities = [_number(d, "density", float) for d in args.densities.split(",")]
-    seeds = [_number(s, "seed", int) for s in args.seeds.split(",")]
-    table = compare(_overrides(args), methods, densities, seeds, args.out, dense=not args.no_dense,
-                    force=args.force, progress=not args.quiet)
+    if args.jobs < 1:
+        raise GemminerError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.grid:
+        given = [flag for flag, default in (("--methods", "gemminer,random"), ("--densities", "0.02"),
+                                             ("--seeds", "0")) if getattr(args, flag[2:]) != default]
+        if given:
+            raise GemminerError(f"--grid FILE sets variants, densities and seeds; drop {', '.join(given)}")
+        grid = load_grid(args.grid)
+        flags = _overrides(args)
+        if flags:  # flags and --config refine the grid's base settings
+            from gemminer.config import merge
+
+            grid.base = merge(grid.base, flags)
+        grid.same_training = grid.same_training or args.same_training
+        grid.dense = grid.dense and not args.no_dense
+        grid.validate()
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        dense = not args.no_dense
+        if "dense" in methods:
+            methods.remove("dense")
+            dense = True
+        densities = [_number(d, "density", float) for d in args.densities.split(",")]
+        seeds = [_number(s, "seed", int) for s in args.seeds.split(",")]
+        checks = [] if args.sanity.strip() in ("", "none") else [c.strip() for c in args.sanity.split(",")]
+        grid = grid_from_flags(_overrides(args), methods, densities, seeds, dense=dense,
+                               same_training=args.same_training, sanity=checks,
+                               sanity_variants=[v.strip() for v in args.sanity_variants.split(",")])
+    report = print if distributed.is_main() and not args.quiet else None
+    table = compare(grid, args.out, jobs=args.jobs, ray_address=args.ray, force=args.force,
+                    progress=not args.quiet, report=report)
     if distributed.is_main():
         print(table)
+        print(f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'plots'}")
     return 0
 
 

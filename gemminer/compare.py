@@ -1,99 +1,446 @@
-"""Methods x densities x seeds, run by `mine`, gathered into one table.
+"""Run a comparison grid (serially, in N processes, or as Ray tasks) and gather its tables and plots.
 
-`random` is matched to the Gem-Miner ticket of the same density and seed (same number
-of weights per layer), so it is the layerwise-random control the paper compares to.
+Cells are `mine` runs in ``OUT/<variant>-d<density>-s<seed>`` (``OUT/dense-s<seed>`` for the dense
+reference). Finished cells are reused when their config matches and unfinished ones resume, so a
+killed grid started again loses nothing. Tasks wait for what they need: an IMP run's other densities
+and every sanity check start when their cell's run has finished.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import hashlib
 import io
+import json
+import multiprocessing
+import os
 import statistics
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemminer.config import merge, resolve
+from gemminer import __version__
+from gemminer.config import resolve
 from gemminer.errors import GemminerError
-from gemminer.experiment import mine
-from gemminer.methods import method_class
-from gemminer.runs import RunFolder
+from gemminer.grid import Grid, Variant
+from gemminer.runs import RunFolder, write_atomic
+from gemminer.sanity import CHECKS
 
-COLUMNS = ["method", "density_target", "density_actual", "seed", "acc_before_finetune", "acc_after_finetune",
-           "epochs_to_ticket", "search_seconds", "finetune_seconds"]
+COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
+           "acc_before_finetune_at_init", "acc_after_finetune", *[f"sanity_{check}" for check in CHECKS],
+           "epochs_to_ticket", "search_seconds", "finetune_seconds", "remaining", "total", "macs_total",
+           "macs_remaining", "layer_collapse", "run", "gemminer_version", "git_commit", "config_hash"]
+
+
+@dataclass
+class Task:
+    """One unit of work: a `mine` run, the training of an IMP stop's ticket, or a sanity check."""
+
+    key: str
+    kind: str  # mine | stop | sanity
+    args: dict[str, Any]
+    needs: list[str] = field(default_factory=list)
 
 
 def _run(overrides: dict[str, Any], out: Path, force: bool, progress: bool) -> dict[str, Any]:
+    """A finished run with the same config is reused; an unfinished one resumes."""
+    from gemminer.experiment import mine
+
     folder = RunFolder(out)
     config = resolve(overrides)
     if folder.finished and not force:
-        folder.check_same_config(config)  # a changed sweep must not report stale numbers
-        return folder.summary()  # finished runs are reused, so an interrupted compare picks up where it was
-    return mine(config, out, force=force, progress=progress)  # resumes an unfinished run
+        folder.check_same_config(config)  # a changed grid must not report stale numbers
+        return folder.summary()
+    return mine(config, out, force=force, progress=progress)
 
 
-def compare(overrides: dict[str, Any], methods: list[str], densities: list[float], seeds: list[int],
-            out: str | Path, dense: bool = True, force: bool = False, progress: bool = True) -> str:
-    """Run every combination into `out/<method>-d<density>-s<seed>`, write results.csv and
-    results.md there, and return the markdown table (mean and std over seeds)."""
-    for name in methods:
-        method_class(name)
-    if "random" in methods and "gemminer" not in methods:
-        raise GemminerError("compare matches 'random' to the gemminer ticket: add gemminer to --methods")
+def _train_stop(run: str, density: float, out: str, force: bool, progress: bool) -> dict[str, Any]:
+    """Train the ticket an IMP run kept at `density` from its own start weights."""
+    from gemminer.experiment import _density_name, finetune_saved, load_run, read_start
+    from gemminer.ticket import Ticket, read_safetensors
+
+    folder = RunFolder(run)
+    target = RunFolder(out)
+    if target.finished and not force:
+        return target.summary()
+    config, _, _, init = load_run(run)
+    name = _density_name(density)
+    ticket = Ticket.load(folder.file(f"tickets/{name}.safetensors"))
+    own_start = folder.file(f"tickets/{name}-start.safetensors")
+    start = read_safetensors(own_start, "start weights")[0] if own_start.is_file() else read_start(folder)
+    return finetune_saved(config, ticket, start if start is not None else init, out, force=force, progress=progress)
+
+
+def run_task(task: Task, threads: int | None = None, device: str | None = None, force: bool = False,
+             progress: bool = False) -> dict[str, Any]:
+    """Execute one task (in this process, a worker process or a Ray worker)."""
+    import torch
+
+    from gemminer.sanity import sanity
+
+    if threads:
+        torch.set_num_threads(threads)
+    args = task.args
+    if task.kind == "mine":
+        overrides = dict(args["overrides"], **({"device": device} if device else {}))
+        return _run(overrides, Path(args["out"]), force, progress)
+    if task.kind == "stop":
+        return _train_stop(args["run"], args["density"], args["out"], force, progress)
+    return sanity(args["run"], args["checks"], force=force, progress=progress, report=None)
+
+
+@dataclass
+class Cell:
+    variant: Variant | None  # None: the dense reference
+    density: float
+    seed: int
+    folder: Path
+    imp_run: Path | None = None  # the IMP run this cell's ticket comes from, where it is another density
+
+    @property
+    def name(self) -> str:
+        return self.variant.name if self.variant else "dense"
+
+
+def plan(grid: Grid, out: Path) -> tuple[list[Cell], list[Task]]:
+    """The grid's cells and the tasks that make them, with their dependencies."""
+    cells, tasks = [], []
+    lowest = min(grid.densities)
+    for seed in grid.seeds:
+        for variant in grid.variants:
+            imp_run = out / f"{variant.name}-d{lowest:g}-s{seed}"
+            for density in grid.densities:
+                folder = out / f"{variant.name}-d{density:g}-s{seed}"
+                if variant.method == "imp" and density != lowest:
+                    cells.append(Cell(variant, density, seed, folder, imp_run))
+                    tasks.append(Task(str(folder), "stop", {"run": str(imp_run), "density": density,
+                                                            "out": str(folder)}, needs=[str(imp_run)]))
+                else:
+                    cells.append(Cell(variant, density, seed, folder))
+                    tasks.append(Task(str(folder), "mine", {"overrides": grid.cell_overrides(variant, density, seed),
+                                                            "out": str(folder)}))
+                if variant.sanity:
+                    tasks.append(Task(f"{folder}#sanity", "sanity", {"run": str(folder), "checks": variant.sanity},
+                                      needs=[str(folder)]))
+        if grid.dense:
+            folder = out / f"dense-s{seed}"
+            dense = Variant("dense", {"method": "dense"})
+            overrides = grid.cell_overrides(dense, 1.0, seed)
+            cells.append(Cell(None, 1.0, seed, folder))
+            tasks.append(Task(str(folder), "mine", {"overrides": overrides, "out": str(folder)}))
+    return cells, tasks
+
+
+def execute(tasks: list[Task], jobs: int = 1, ray_address: str | None = None, force: bool = False,
+            progress: bool = True, report: Callable[[str], None] | None = print) -> dict[str, str]:
+    """Run every task once its needs are done: serially, in `jobs` processes, or on Ray.
+    Returns {task key: error line} for the tasks that failed (and those that needed them)."""
+    pending = {task.key: task for task in tasks}
+    done: set[str] = set()
+    failed: dict[str, str] = {}
+    if ray_address is not None:
+        runner = _RayRunner(ray_address, force)
+    elif jobs > 1:
+        runner = _ProcessRunner(jobs, force)
+    else:
+        runner = _SerialRunner(force, progress)
+    running: dict[Any, str] = {}
+    total = len(tasks)
+    try:
+        while pending or running:
+            for key, task in list(pending.items()):
+                if any(need in failed for need in task.needs):
+                    failed[key] = f"not run: {', '.join(n for n in task.needs if n in failed)} failed"
+                    del pending[key]
+                elif all(need in done for need in task.needs):
+                    running[runner.submit(task)] = key
+                    del pending[key]
+            if not running:
+                break
+            for handle, outcome in runner.wait(list(running)):
+                key = running.pop(handle)
+                if isinstance(outcome, BaseException):
+                    failed[key] = str(outcome).splitlines()[0] if str(outcome) else type(outcome).__name__
+                    if not isinstance(outcome, GemminerError) and report is not None:
+                        report(f"cell {key} failed: {type(outcome).__name__}: {outcome}")
+                else:
+                    done.add(key)
+                if report is not None:
+                    state = "failed: " + failed[key] if key in failed else "done"
+                    report(f"[{len(done) + len(failed)}/{total}] {state}: {key}")
+    finally:
+        runner.close()
+    return failed
+
+
+class _SerialRunner:
+    def __init__(self, force: bool, progress: bool) -> None:
+        self.force, self.progress, self.results = force, progress, {}
+
+    def submit(self, task: Task) -> str:
+        try:
+            self.results[task.key] = run_task(task, force=self.force, progress=self.progress)
+        except GemminerError as err:
+            self.results[task.key] = err
+        return task.key
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, Any]]:
+        return [(handle, self.results.pop(handle)) for handle in handles]
+
+    def close(self) -> None:
+        pass
+
+
+def _worker_devices(jobs: int) -> list[str | None]:
+    import torch
+
+    count = torch.cuda.device_count()
+    return [f"cuda:{index % count}" for index in range(jobs)] if count > 1 else [None] * jobs
+
+
+class _ProcessRunner:
+    """`jobs` worker processes (spawned: no state shared with this one); the CPU threads are split
+    evenly between them, and with several GPUs each worker takes one."""
+
+    def __init__(self, jobs: int, force: bool) -> None:
+        self.force = force
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.devices = _worker_devices(jobs)
+        self.slot = 0
+        self.pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, task: Task) -> concurrent.futures.Future:
+        device = self.devices[self.slot % len(self.devices)]
+        self.slot += 1
+        return self.pool.submit(run_task, task, self.threads, device, self.force, False)
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, Any]]:
+        finished, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+        return [(future, future.exception() or future.result()) for future in finished]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _RayRunner:
+    """Cells as Ray tasks; `address` "" or "local" starts a local Ray instance. Every task writes its
+    run folder under the grid's output folder, which must be shared storage on a real cluster."""
+
+    def __init__(self, address: str, force: bool) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise GemminerError("--ray needs the ray package: pip install 'gemminer[ray]'") from None
+        self.ray, self.force = ray, force
+        if not ray.is_initialized():
+            ray.init(address=None if address in ("", "local") else address, include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True)
+        self.remote = ray.remote(num_cpus=1)(run_task)
+        self.refs: dict[Any, Any] = {}
+
+    def submit(self, task: Task) -> Any:
+        return self.remote.remote(task, 1, None, self.force, False)
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, Any]]:
+        ready, _ = self.ray.wait(handles, num_returns=1)
+        results = []
+        for ref in ready:
+            try:
+                results.append((ref, self.ray.get(ref)))
+            except Exception as err:  # a task's exception arrives wrapped by Ray
+                cause = getattr(err, "cause", None)
+                results.append((ref, cause if isinstance(cause, BaseException) else err))
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None = None, force: bool = False,
+            progress: bool = True, report: Callable[[str], None] | None = print) -> str:
+    """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md."""
     out = Path(out)
-    search = overrides.get("search", {})
-    base = {key: value for key, value in overrides.items() if key not in ("search", "method", "density")}
-    # every method fine-tunes as long as Gem-Miner searched, unless told otherwise
-    epochs = resolve(merge(base, {"method": "gemminer", "search": search})).finetune.epochs
-    base = merge(base, {"finetune": {"epochs": epochs}})
-    rows = []
-    for seed in seeds:
-        for density in densities:
-            for name in methods:
-                run = merge(base, {"method": name, "density": density, "seed": seed})
-                if name == "gemminer":
-                    run["search"] = search
-                elif name == "random":
-                    run["search"] = {"like_ticket": str(out / f"gemminer-d{density:g}-s{seed}" / "ticket.safetensors")}
-                rows.append(_run(run, out / f"{name}-d{density:g}-s{seed}", force, progress))
-        if dense:
-            rows.append(_run(merge(base, {"method": "dense", "density": 1.0, "seed": seed}),
-                             out / f"dense-s{seed}", force, progress))
-    _write_csv(rows, out / "results.csv")
-    table = markdown_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    return table
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise GemminerError(f"cannot create output folder {out}: {err.strerror}") from err
+    cells, tasks = plan(grid, out)
+    failed = execute(tasks, jobs, ray_address, force, progress and jobs == 1 and ray_address is None, report)
+    rows = [row for cell in cells if str(cell.folder) not in failed and (row := cell_row(cell)) is not None]
+    write_csv(rows, out / "results.csv")
+    text = results_markdown(rows, grid)
+    write_atomic(out / "results.md", text + "\n")
+    from gemminer.plots import plot_grid
+
+    plot_grid(rows, out / "plots")
+    if failed:
+        lines = "; ".join(f"{Path(key).name}: {error}" for key, error in list(failed.items())[:5])
+        raise GemminerError(f"{len(failed)} of {len(tasks)} grid tasks failed ({lines}); the tables hold the "
+                            "rest; run the same command again to retry them")
+    return text
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+# ---- rows ---------------------------------------------------------------------------
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+_MACS_CACHE: dict[str, dict[str, int]] = {}
+
+
+def _macs(folder: Path) -> dict[str, int] | None:
+    """Dense MACs per layer of the cell's model (one per model config), from `report`."""
+    from gemminer.experiment import load_run, setup
+    from gemminer.report import layer_macs
+
+    config_text = (folder / "config.yaml").read_text()
+    key = hashlib.sha256(config_text.encode()).hexdigest()
+    if key not in _MACS_CACHE:
+        try:
+            config, _, _, init = load_run(folder)
+            config.device = "cpu"
+            run = setup(config, init_state=init)
+            _MACS_CACHE[key] = layer_macs(run.model, run.dataset.input_shape)
+        except GemminerError:
+            return None
+    return _MACS_CACHE[key]
+
+
+def _rounds_row(run: Path, remaining: int, total: int) -> dict[str, Any] | None:
+    path = run / "rounds.csv"
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            if round(float(row["pruned_to"]) * total) == remaining:
+                return row
+    return None
+
+
+def cell_row(cell: Cell) -> dict[str, Any] | None:
+    """One results row from a finished cell's folder (and its sanity.json)."""
+    from gemminer.ticket import Ticket
+
+    folder = RunFolder(cell.folder)
+    if not folder.finished:
+        return None
+    summary = folder.summary()
+    ticket = Ticket.load(folder.file("ticket.safetensors"))
+    config_text = folder.file("config.yaml").read_text()
+    row: dict[str, Any] = {
+        "variant": cell.name, "method": cell.variant.method if cell.variant else "dense", "density": cell.density,
+        "density_actual": ticket.density, "seed": cell.seed,
+        "acc_before_finetune": summary.get("acc_before_finetune", summary.get("acc_ticket_at_init")),
+        "acc_before_finetune_at_init": summary.get("acc_before_finetune_at_init", True),
+        "acc_after_finetune": summary["acc_after_finetune"],
+        "epochs_to_ticket": summary.get("epochs_to_ticket"), "search_seconds": summary.get("search_seconds"),
+        "finetune_seconds": summary.get("finetune_seconds"), "remaining": ticket.remaining, "total": ticket.total,
+        "layer_collapse": ";".join(layer.name for layer in ticket.layers() if layer.remaining == 0),
+        "run": str(cell.folder), "gemminer_version": __version__, "git_commit": _git_commit(),
+        "config_hash": hashlib.sha256(config_text.encode()).hexdigest()[:16],
+    }
+    if cell.imp_run is not None:  # a stop of an IMP run: its cost is the rounds up to that stop
+        imp = RunFolder(cell.imp_run).summary()
+        rounds = _rounds_row(cell.imp_run, ticket.remaining, ticket.total)
+        row["acc_before_finetune_at_init"] = imp.get("acc_before_finetune_at_init", True)
+        if rounds is not None:
+            row["epochs_to_ticket"] = _number(rounds["epochs"])
+            row["search_seconds"] = float(rounds["seconds"])
+    macs = _macs(cell.folder)
+    if macs:
+        row["macs_total"] = sum(macs.values())
+        row["macs_remaining"] = sum(macs[layer.name] * layer.remaining // layer.parameters
+                                    for layer in ticket.layers() if layer.name in macs)
+    sanity_file = folder.file("sanity.json")
+    if sanity_file.is_file():
+        for check, result in json.loads(sanity_file.read_text()).get("checks", {}).items():
+            row[f"sanity_{check}"] = result["acc_after_finetune"]
+    return row
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
+# ---- tables -------------------------------------------------------------------------
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
     mean = statistics.fmean(values) * scale
     if len(values) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (method, density): accuracies in %, mean ± std over seeds."""
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["method"], float(row["density_target"])), []).append(row)
-    lines = ["| method | density | seeds | acc. before fine-tuning (%) | acc. after fine-tuning (%) "
-             "| search epochs | search s | fine-tune s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (method, _), group in groups.items():
-        def pick(key: str, group: list[dict[str, Any]] = group) -> list[float]:
-            return [float(row[key]) for row in group]
+        groups.setdefault((row["variant"], float(row["density"])), []).append(row)
+    return groups
 
+
+def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, reference: str = "gemminer") -> str:
+    """Mean ± std over seeds per variant and density; sanity drops; paired differences to `reference`."""
+    groups = _groups(rows)
+    lines = ["| variant | method | density | seeds | acc. before training (%) | acc. after training (%) "
+             "| epochs to ticket | search s | training s |", "|---|---|---|---|---|---|---|---|---|"]
+    for (variant, density), group in groups.items():
+        at_init = all(row.get("acc_before_finetune_at_init", True) for row in group)
+        before = _mean_std([row["acc_before_finetune"] for row in group], 100)
+        if not at_init:
+            before = f"({before}, trained weights: not comparable)"
         lines.append(
-            f"| {method} | {_mean_std(pick('density_actual'), digits=4)} | {len(group)} "
-            f"| {_mean_std(pick('acc_before_finetune'), 100)} | {_mean_std(pick('acc_after_finetune'), 100)} "
-            f"| {group[0]['epochs_to_ticket']} | {_mean_std(pick('search_seconds'))} "
-            f"| {_mean_std(pick('finetune_seconds'))} |")
+            f"| {variant} | {group[0]['method']} | {density:g} | {len(group)} | {before} "
+            f"| {_mean_std([row['acc_after_finetune'] for row in group], 100)} "
+            f"| {_mean_std([row['epochs_to_ticket'] for row in group], digits=1)} "
+            f"| {_mean_std([row['search_seconds'] for row in group])} "
+            f"| {_mean_std([row['finetune_seconds'] for row in group])} |")
+    sanity_lines = []
+    for (variant, density), group in groups.items():
+        for check in CHECKS:
+            drops = [row["acc_after_finetune"] - row[f"sanity_{check}"] for row in group
+                     if row.get(f"sanity_{check}") not in (None, "")]
+            if drops:
+                sanity_lines.append(f"| {variant} | {density:g} | {check} | "
+                                    f"{_mean_std([row[f'sanity_{check}'] for row in group if row.get(f'sanity_{check}') not in (None, '')], 100)} "  # noqa: E501
+                                    f"| {_mean_std(drops, 100)} |")
+    if sanity_lines:
+        lines += ["", "Sanity checks: accuracy after training of each variant, and its drop from the ticket's "
+                  "(points; a real ticket drops, a ratio-only ticket does not).", "",
+                  "| variant | density | check | acc. after training (%) | drop (points) |", "|---|---|---|---|---|",
+                  *sanity_lines]
+    reference_rows = {(float(row["density"]), row["seed"]): row for row in rows if row["variant"] == reference}
+    paired = []
+    for (variant, density), group in groups.items():
+        if variant == reference or variant == "dense":
+            continue
+        differences = [row["acc_after_finetune"] - reference_rows[(density, row["seed"])]["acc_after_finetune"]
+                       for row in group if (density, row["seed"]) in reference_rows]
+        if differences:
+            verdict = ("beats " + reference) if statistics.fmean(differences) > 0 else ("below " + reference)
+            paired.append(f"| {variant} | {density:g} | {len(differences)} | {_mean_std(differences, 100)} "
+                          f"| {verdict} |")
+    if paired:
+        lines += ["", f"Paired by seed: accuracy after training minus {reference}'s (points, mean ± std of the "
+                  "per-seed differences).", "", f"| variant | density | pairs | minus {reference} | |",
+                  "|---|---|---|---|---|", *paired]
     return "\n".join(lines)
+

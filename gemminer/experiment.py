@@ -141,41 +141,43 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
                 ) -> Iterator[tuple[RunFolder, Checkpointer]]:
     """Open a run folder for training: refuse a finished run unless `force`; resume an
     unfinished one when its config matches; catch SIGINT/SIGTERM; drop the checkpoint
-    when the body finishes. `initial_files` writes what a fresh run starts with."""
+    when the body finishes. `initial_files` writes what a fresh run starts with. The folder
+    is locked against a second writer for the whole session (`RunFolder.lock`)."""
     folder = RunFolder(out, writer=distributed.is_main())
-    if folder.finished and not force:
-        raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
-    folder.open_tensorboard(config)  # before anything is written: a missing package is bad input
-    resuming = resume and not force and folder.file("config.yaml").is_file()
-    if resuming:
-        folder.check_same_config(config)
-    else:
-        folder.start(config, force=force)  # after setup: bad input leaves no folder behind
-        if initial_files is not None:
-            initial_files(folder)
-    distributed.barrier()
-    with StopFlag() as stop:
-        checkpoint = Checkpointer(folder.file("checkpoint.pt"), config.checkpoint_every, stop,
-                                  is_writer=distributed.is_main(), barrier=distributed.barrier)
-        distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
-        checkpoint.pipeline.setdefault("rows", [])
+    with folder.lock():  # rank 0 alone, before the folder is read for resuming, written or deleted
+        if folder.finished and not force:
+            raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
+        folder.open_tensorboard(config)  # before anything is written: a missing package is bad input
+        resuming = resume and not force and folder.file("config.yaml").is_file()
         if resuming:
-            loop = checkpoint.state.get("loop") or {}
-            folder.rewrite_metrics(checkpoint.pipeline["rows"] + loop.get("history", []))
-            where = "the last completed phase" if checkpoint.state else "its start (no checkpoint was written yet)"
-            if loop:
-                step = f", step {loop['partial']['steps']}" if loop.get("partial") else ""
-                where = f"{loop['phase']} epoch {loop['epoch'] + 1}{step}"
-            if distributed.is_main():
-                print(f"resuming the unfinished run in {out} from {where}", file=sys.stderr)
-        try:
-            yield folder, checkpoint
-        except Diverged as err:
-            kept = folder.file("checkpoint.pt")
-            message = f"{err}; the last good checkpoint is kept in {kept}" if kept.exists() else str(err)
-            raise Diverged(message) from None
-    if distributed.is_main():
-        folder.file("checkpoint.pt").unlink(missing_ok=True)
+            folder.check_same_config(config)
+        else:
+            folder.start(config, force=force)  # after setup: bad input leaves no folder behind
+            if initial_files is not None:
+                initial_files(folder)
+        distributed.barrier()
+        with StopFlag() as stop:
+            checkpoint = Checkpointer(folder.file("checkpoint.pt"), config.checkpoint_every, stop,
+                                      is_writer=distributed.is_main(), barrier=distributed.barrier)
+            distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
+            checkpoint.pipeline.setdefault("rows", [])
+            if resuming:
+                loop = checkpoint.state.get("loop") or {}
+                folder.rewrite_metrics(checkpoint.pipeline["rows"] + loop.get("history", []))
+                where = "the last completed phase" if checkpoint.state else "its start (no checkpoint was written yet)"
+                if loop:
+                    step = f", step {loop['partial']['steps']}" if loop.get("partial") else ""
+                    where = f"{loop['phase']} epoch {loop['epoch'] + 1}{step}"
+                if distributed.is_main():
+                    print(f"resuming the unfinished run in {out} from {where}", file=sys.stderr)
+            try:
+                yield folder, checkpoint
+            except Diverged as err:
+                kept = folder.file("checkpoint.pt")
+                message = f"{err}; the last good checkpoint is kept in {kept}" if kept.exists() else str(err)
+                raise Diverged(message) from None
+        if distributed.is_main():
+            folder.file("checkpoint.pt").unlink(missing_ok=True)
 
 
 def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True,

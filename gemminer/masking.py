@@ -100,6 +100,96 @@ class ScoreMask(nn.Module):
         return weight * (round_scores(self.scores) * self.alive)
 
 
+class _SelectionSTE(torch.autograd.Function):
+    """A precomputed 0/1 selection forward; the gradient passes to the ranked values unchanged,
+    selected or not (edge-popup's GetSubnet: the mask's derivative is taken as identity)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, selection: Tensor) -> Tensor:
+        return selection.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def top_k_mask(scores: Tensor, keep: int) -> Tensor:
+    """Bool mask of the `keep` largest |scores|; equal values go to the lower flat index.
+
+    Linear time (kthvalue plus a cumulative count of ties), so it can run every step."""
+    flat = scores.detach().abs().flatten()
+    if not 0 <= keep <= flat.numel():
+        raise GemminerError(f"cannot keep {keep} of {flat.numel()} weights")
+    if keep == 0 or keep == flat.numel():
+        return torch.full(scores.shape, keep > 0, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values  # the keep-th largest
+    above = flat > threshold
+    tied = flat == threshold
+    room = keep - above.sum()
+    chosen = above | (tied & (torch.cumsum(tied, 0) <= room))
+    return chosen.view(scores.shape)
+
+
+class GlobalTopK:
+    """Edge-popup's global scope: the top `keep` |scores| over several layers together.
+
+    Each layer's parametrization asks for its own slice; the joint ranking is redone only
+    when a score tensor changed since the last one (optimizer step, restored checkpoint,
+    device move: seen in version counters and storage), so a forward pass ranks once. A
+    plain object, not a module: deep copies share one per copied network.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.members: list[TopKScoreMask] = []
+        self._key: tuple | None = None
+        self._masks: list[Tensor] = []
+
+    def mask_of(self, member: TopKScoreMask) -> Tensor:
+        key = tuple((id(m.scores), m.scores._version, m.scores.data_ptr()) for m in self.members)
+        if key != self._key:
+            flat = torch.cat([m.scores.detach().flatten() for m in self.members])
+            chosen = top_k_mask(flat, self.keep).split([m.scores.numel() for m in self.members])
+            self._masks = [part.view(m.scores.shape) for part, m in zip(chosen, self.members, strict=True)]
+            self._key = key
+        index = next(i for i, m in enumerate(self.members) if m is member)
+        return self._masks[index]
+
+
+class TopKScoreMask(nn.Module):
+    """Edge-popup's parametrization ``w -> w * 1[|s| is among the top k]``.
+
+    `scores` is the only trainable tensor and every score gets the straight-through
+    gradient, kept or not. k is `keep` for this layer alone, or, with a shared
+    `GlobalTopK`, the top over all its layers together (build all members before
+    attaching any, so the first forward already ranks every layer).
+    """
+
+    def __init__(self, scores: Tensor, keep: int | None = None, shared: GlobalTopK | None = None) -> None:
+        if (keep is None) == (shared is None):
+            raise GemminerError("TopKScoreMask takes either a per-layer keep or a shared GlobalTopK")
+        super().__init__()
+        self.scores = nn.Parameter(scores)
+        self.keep, self.shared = keep, shared
+        self._key: tuple | None = None
+        self._mask: Tensor | None = None
+        if shared is not None:
+            shared.members.append(self)
+
+    def mask(self) -> Tensor:
+        """The current selection (bool), recomputed only when the scores changed."""
+        if self.shared is not None:
+            return self.shared.mask_of(self)
+        key = (id(self.scores), self.scores._version, self.scores.data_ptr())
+        if key != self._key or self._mask is None:
+            self._mask, self._key = top_k_mask(self.scores, self.keep), key
+        return self._mask
+
+    def forward(self, weight: Tensor) -> Tensor:
+        # through |s|, as the reference GetSubnet gets the absolute scores: d|s|/ds = sign(s)
+        return weight * _SelectionSTE.apply(self.scores.abs(), self.mask())
+
+
 def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.Module]) -> dict[str, nn.Module]:
     """Register ``make(name, weight)`` as the parametrization of each named weight."""
     attached = {}

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,11 @@ from gemminer.config import RunConfig, dump_yaml, flatten, load_yaml, resolve, t
 from gemminer.errors import GemminerError
 from gemminer.ticket import Ticket, save_state
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, no error
+    fcntl = None  # type: ignore[assignment]
+
 METRIC_COLUMNS = ["phase", "epoch", "lr", "train_loss", "reg_loss", "train_acc", "test_acc", "density",
                   "density_gem", "freeze_event", "seconds"]
 
@@ -24,6 +34,100 @@ METRIC_COLUMNS = ["phase", "epoch", "lr", "train_loss", "reg_loss", "train_acc",
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
     write_bytes_atomic(path, text.encode(), "file")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive OS lock on `path/.lock` (the folder is created if needed) until the block ends.
+
+    The lock is `flock`: the kernel drops it when its holder exits, even by SIGKILL, so a
+    killed run can be resumed. A second holder gets one GemminerError naming the first
+    ("pid 1234 on host abc"), before it touches anything else in the folder. A folder this
+    lock created and left with nothing but `.lock` is removed again. Where there is no
+    fcntl (Windows), or the file system refuses locks, nothing is locked.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = Path(path)
+    lock_path = path / LOCK_FILE
+    fd, made = _acquire(path, lock_path)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _release(fd, path, lock_path, made)
+
+
+def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
+    """The locked file's descriptor (None where locks are unsupported) and the topmost folder made here."""
+    made = None
+    for _ in range(100):  # retried only while another holder removes a folder it made
+        if not path.is_dir():
+            top = next((folder for folder in reversed([path, *path.parents]) if not folder.exists()), path)
+            try:
+                path.mkdir(parents=True)
+                made = made or top
+            except FileExistsError:
+                pass
+            except OSError as err:
+                raise GemminerError(f"cannot create run folder {path}: {err.strerror}") from err
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None, made  # e.g. a read-only folder: writing there fails later with its own error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                return None, made  # a file system without locks
+            holder = _holder(fd)
+            os.close(fd)
+            raise GemminerError(f"{path} is in use by {holder} (another gemminer run writes there); "
+                                "wait for it or choose another --out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder removed the file between our open and flock: lock the new one
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        return fd, made
+    raise GemminerError(f"cannot lock run folder {path}: it keeps being removed")
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it (it writes right after locking)."""
+    for _ in range(20):
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return "another process"
+
+
+def _release(fd: int, path: Path, lock_path: Path, made: Path | None) -> None:
+    """Unlock; a folder left with nothing but `.lock` loses it (and is removed if this lock made it)."""
+    try:
+        if [entry.name for entry in os.scandir(path)] == [LOCK_FILE]:
+            lock_path.unlink()  # while still locked: a waiting opener sees the file gone and starts over
+            if made is not None:
+                for folder in [path, *path.parents]:
+                    folder.rmdir()
+                    if folder == made:
+                        break
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # closing the only descriptor drops the lock
 
 
 def _format_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +146,25 @@ class RunFolder:
         self.path = Path(path)
         self.writer = writer
         self.tensorboard: Any = None  # a SummaryWriter while a run with `tensorboard: true` is open
+        self._locked = 0  # how deep this process is inside `lock()`
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Lock the folder against other writers while the block runs (see `folder_lock`); re-entrant.
+        A non-writer (another rank under torchrun) does not lock."""
+        if not self.writer or self._locked:
+            self._locked += 1
+            try:
+                yield
+            finally:
+                self._locked -= 1
+            return
+        with folder_lock(self.path):
+            self._locked += 1
+            try:
+                yield
+            finally:
+                self._locked -= 1
 
     def open_tensorboard(self, config: RunConfig) -> None:
         """Start TensorBoard logging if the config asks for it (fresh or resumed run)."""
@@ -61,17 +184,18 @@ class RunFolder:
             raise GemminerError(f"{self.path} holds a finished run; pass --force to overwrite it")
         if not self.writer:
             return
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
-        for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
-                      "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
-                      "rounds.csv"):  # nothing of an earlier run survives
-            self.file(stale).unlink(missing_ok=True)
-        if self.file("tickets").is_dir():
-            shutil.rmtree(self.file("tickets"))
-        write_atomic(self.file("config.yaml"), dump_yaml(config))
+        with self.lock():  # a no-op inside run_session, which holds it already; never delete under another writer
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
+            for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
+                          "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
+                          "rounds.csv"):  # nothing of an earlier run survives (`.lock` does: it may be held)
+                self.file(stale).unlink(missing_ok=True)
+            if self.file("tickets").is_dir():
+                shutil.rmtree(self.file("tickets"))
+            write_atomic(self.file("config.yaml"), dump_yaml(config))
 
     def check_same_config(self, config: RunConfig) -> None:
         """Refuse to resume under another config, naming the keys that differ."""

@@ -43,12 +43,15 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def options(name: str) -> dict:
-    return {"epochs": 3, "freeze_period": 1} if name == "gemminer" else {}
+    return {"gemminer": {"epochs": 3, "freeze_period": 1}, "imp": {"epochs": 1}, "edge-popup": {"epochs": 2},
+            "synflow": {"iterations": 5}}.get(name, {})
 
 
 @pytest.mark.parametrize("init", ["keep", "signed_constant"])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_find_never_changes_the_model(name, init, user_data):
+    if name == "magnitude" and init == "signed_constant":
+        pytest.skip("magnitude refuses constant-magnitude weights (tested in test_pai_methods)")
     model = user_net()
     before, hash_before = snapshot(model), init_hash(model)
     result = METHODS[name](0.1, init=init, **options(name)).search(model, user_data)

@@ -12,33 +12,40 @@ import torch
 
 from gemminer.ticket import Ticket
 
-FLAGS = ["--model", "mlp", "--model-width", "32", "--density", "0.05", "--epochs", "4", "--search-freeze-period", "1",
-         "--finetune-epochs", "2", "--data-num-samples", "1000", "--data-batch-size", "64", "--quiet"]
+FLAGS = ["--model", "mlp", "--model-width", "32", "--finetune-epochs", "2", "--data-num-samples", "1000",
+         "--data-batch-size", "64", "--quiet"]
+METHOD_FLAGS = {
+    "gemminer": ["--density", "0.05", "--epochs", "4", "--search-freeze-period", "1"],
+    "snip": ["--method", "snip", "--density", "0.05", "--search-batches", "2"],
+    "imp": ["--method", "imp", "--density", "0.5", "--epochs", "2", "--search-rewind", "epoch:0.5"],
+}
 # every rank writes the masks its own search found, so the test can compare the ranks
 RANK_DUMP = """
 import sys, torch
 from gemminer import cli, distributed
-from gemminer.methods.gemminer import GemMiner
-original = GemMiner.search
+from gemminer.methods.base import PruningMethod
+original = PruningMethod.search
 prefix = sys.argv.pop()
 def spy(self, *args, **kwargs):
     result = original(self, *args, **kwargs)
     torch.save(dict(result.ticket.masks), f"{prefix}.rank{distributed.rank()}.pt")
     return result
-GemMiner.search = spy
+PruningMethod.search = spy
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
+@pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
+def test_two_process_gloo_run_matches_one_process(method, tmp_path, data_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = tmp_path / "spy.py"
     script.write_text(RANK_DUMP)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     two = tmp_path / "two"
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), "mine", "--out", str(two), *FLAGS,
+    flags = [*FLAGS, *METHOD_FLAGS[method]]
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), "mine", "--out", str(two), *flags,
                              "--data-dir", data_dir, str(tmp_path / "masks")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -47,7 +54,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path, data_dir):
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
 
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "gemminer", "mine", "--out", str(one), *FLAGS, "--data-dir", data_dir],
+    subprocess.run([sys.executable, "-m", "gemminer", "mine", "--out", str(one), *flags, "--data-dir", data_dir],
                    env=env, check=True, capture_output=True, timeout=300)
     first, second = Ticket.load(one / "ticket.safetensors"), Ticket.load(two / "ticket.safetensors")
     agree = sum(int((first.masks[n] == second.masks[n]).sum()) for n in first.masks) / first.total

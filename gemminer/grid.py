@@ -1,0 +1,174 @@
+"""Comparison grids: named variants x densities x seeds, as cells to run and rows to tabulate.
+
+A grid file (YAML) holds::
+
+    base: {data: {name: mnist1d}}            # settings of every cell (a run config, as --config)
+    densities: [0.1, 0.02]
+    seeds: [0, 1, 2]
+    dense: true                               # one dense reference per seed
+    same_training: false                      # true: every variant trains with one recipe
+    variants:
+      gemminer: {method: gemminer, sanity: [shuffle, reinit]}
+      imp-warmup: {method: imp, search: {rewind: "epoch:0.52"}}
+      random-erk: {method: random, search: {ratio: erk}}
+
+A variant is a method plus its options; it may override any run setting (data, model, search,
+finetune, top-level keys) and names its folders, rows and plot lines. An IMP variant trains once
+per seed, at the grid's lowest density, stopping at every other grid density on the way
+(`search.keep_densities`); each density's cell trains that run's ticket of that density.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemminer.config import load_yaml, merge, resolve, to_dict
+from gemminer.errors import GemminerError
+from gemminer.methods import method_class
+from gemminer.sanity import CHECKS
+
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+GRID_KEYS = ("base", "variants", "densities", "seeds", "dense", "same_training")
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any]  # method, search, and any run setting it changes
+    sanity: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return str(self.overrides.get("method", "gemminer"))
+
+
+@dataclass
+class Grid:
+    base: dict[str, Any]
+    variants: list[Variant]
+    densities: list[float]
+    seeds: list[int]
+    dense: bool = True
+    same_training: bool = False
+
+    def validate(self) -> None:
+        if not self.variants:
+            raise GemminerError("a grid needs at least one variant")
+        names = [variant.name for variant in self.variants]
+        for name in names:
+            if not VARIANT_NAME.match(name) or name == "dense":
+                raise GemminerError(f"bad variant name {name!r}: letters, digits, '_.+-' only, and not 'dense'")
+        if len(set(names)) != len(names):
+            raise GemminerError("variant names must be unique")
+        if not self.densities or not self.seeds:
+            raise GemminerError("a grid needs densities and seeds")
+        for density in self.densities:
+            if not (isinstance(density, float) and math.isfinite(density) and 0 < density <= 1):
+                raise GemminerError(f"grid densities must lie in (0, 1], got {density!r}")
+        if len(set(self.densities)) != len(self.densities) or len(set(self.seeds)) != len(self.seeds):
+            raise GemminerError("grid densities and seeds must not repeat")
+        for variant in self.variants:
+            method_class(variant.method)
+            for check in variant.sanity:
+                if check not in CHECKS:
+                    raise GemminerError(f"variant {variant.name}: unknown sanity check {check!r}; "
+                                        f"allowed: {', '.join(CHECKS)}")
+            if "invert" in variant.sanity and variant.method != "gemminer" and not method_class(variant.method).ranked:
+                raise GemminerError(f"variant {variant.name}: method {variant.method} keeps no ranking of weights, "
+                                    "so its ticket cannot be inverted")
+            for key in ("density", "seed"):
+                if key in variant.overrides:
+                    raise GemminerError(f"variant {variant.name} sets {key}: the grid's {key}s apply to every variant")
+            for density in self.densities:  # every cell's config resolves before anything runs
+                resolve(self.cell_overrides(variant, density, self.seeds[0]))
+
+    def cell_overrides(self, variant: Variant, density: float, seed: int) -> dict[str, Any]:
+        """The run config of one cell: base < variant < density and seed (< the shared recipe)."""
+        overrides = merge(self.base, variant.overrides)
+        overrides.update(density=density, seed=seed)
+        if variant.method == "imp" and len(self.densities) > 1:
+            keep = sorted(set(self.densities) - {min(self.densities)} | set(
+                overrides.get("search", {}).get("keep_densities") or []), reverse=True)
+            overrides = merge(overrides, {"search": {"keep_densities": keep}})
+        return merge(overrides, {"finetune": self.training(variant)})
+
+    def training(self, variant: Variant) -> dict[str, Any]:
+        """Fine-tuning settings forced on a variant: Gem-Miner's epochs for every method (all tickets
+        train equally long); with `same_training`, the whole recipe of the base config under Gem-Miner."""
+        reference = resolve(merge(merge(self.base, {"method": "gemminer"}),
+                                  {"search": self._gemminer_search()}))
+        forced: dict[str, Any] = {"epochs": reference.finetune.epochs}
+        if self.same_training:
+            forced = to_dict(reference.finetune)
+        variant_epochs = (variant.overrides.get("finetune") or {}).get("epochs")
+        return {**forced, **({"epochs": variant_epochs} if variant_epochs is not None else {})}
+
+    def _gemminer_search(self) -> dict[str, Any]:
+        for variant in self.variants:
+            if variant.method == "gemminer":
+                return dict(merge(self.base.get("search") or {}, variant.overrides.get("search") or {}))
+        return dict(self.base.get("search") or {}) if self.base.get("method", "gemminer") == "gemminer" else {}
+
+
+def _floats(values: Any, what: str) -> list[float]:
+    if isinstance(values, (int, float, str)):
+        values = [values]
+    if not isinstance(values, list):
+        raise GemminerError(f"grid {what} must be a list")
+    try:
+        return [float(value) for value in values]
+    except (TypeError, ValueError):
+        raise GemminerError(f"grid {what} must be numbers, got {values!r}") from None
+
+
+def _ints(values: Any, what: str) -> list[int]:
+    numbers = _floats(values, what)
+    if any(number != int(number) for number in numbers):
+        raise GemminerError(f"grid {what} must be integers, got {values!r}")
+    return [int(number) for number in numbers]
+
+
+def load_grid(path: str | Path) -> Grid:
+    """A grid from its YAML file, checked before anything runs."""
+    document = load_yaml(str(path))
+    unknown = sorted(set(document) - set(GRID_KEYS) - {"sanity"})
+    if unknown:
+        raise GemminerError(f"grid file {path}: unknown key {unknown[0]!r}; allowed: {', '.join(GRID_KEYS)}")
+    variants_doc = document.get("variants")
+    if not isinstance(variants_doc, dict) or not variants_doc:
+        raise GemminerError(f"grid file {path} needs a 'variants' mapping of name -> settings")
+    variants = []
+    for name, settings in variants_doc.items():
+        settings = dict(settings or {})
+        if not isinstance(settings, dict):
+            raise GemminerError(f"grid variant {name!r} must be a mapping")
+        checks = settings.pop("sanity", []) or []
+        variants.append(Variant(str(name), settings, [str(c) for c in checks]))
+    base = document.get("base") or {}
+    if not isinstance(base, dict):
+        raise GemminerError(f"grid file {path}: 'base' must be a mapping of run settings")
+    grid = Grid(base, variants, _floats(document.get("densities", []), "densities"),
+                _ints(document.get("seeds", [0]), "seeds"), bool(document.get("dense", True)),
+                bool(document.get("same_training", False)))
+    grid.validate()
+    return grid
+
+
+def grid_from_flags(overrides: dict[str, Any], methods: list[str], densities: list[float], seeds: list[int],
+                    dense: bool = True, same_training: bool = False, sanity: list[str] | None = None,
+                    sanity_variants: list[str] | None = None) -> Grid:
+    """The simple case: one variant per method, named after it; `overrides` (flags and --config)
+    are the base; search options given on the command line go to the gemminer variant."""
+    search = overrides.get("search") or {}
+    base = {key: value for key, value in overrides.items() if key not in ("search", "method", "density", "seed")}
+    checks = sanity or []
+    targets = set(sanity_variants if sanity_variants is not None else ["gemminer"])
+    variants = [Variant(name, {"method": name, **({"search": search} if name == "gemminer" and search else {})},
+                        [c for c in checks if name in targets and name != "dense"]) for name in methods]
+    grid = Grid(base, variants, densities, seeds, dense, same_training)
+    grid.validate()
+    return grid

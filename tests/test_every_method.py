@@ -1,0 +1,43 @@
+"""What every registered method promises: exact density, determinism under a seed, its published defaults."""
+
+import pytest
+import torch
+from torch import nn
+
+from gemminer import METHODS
+from gemminer.config import PRESETS, RECIPES, resolve
+from gemminer.data import Batches
+
+FAST = {"gemminer": {"epochs": 3, "freeze_period": 1}, "imp": {"epochs": 1}, "edge-popup": {"epochs": 2},
+        "synflow": {"iterations": 10}}
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(1, 6, 5, padding=2), nn.BatchNorm1d(6, affine=False), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 40, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_exact_density_and_same_ticket_for_the_same_seed(name, tiny):
+    def find(seed: int):
+        batches = Batches(tiny.train, 64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return METHODS[name](0.1, seed=seed, init="kaiming_normal", **FAST.get(name, {})).find(net(), batches)
+
+    first, again = find(0), find(0)
+    assert first.same_masks(again)
+    total = first.total
+    expected = total if name == "dense" else round(total * 0.1)
+    assert first.remaining == expected
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_defaults_are_the_published_init_and_recipe(name):
+    config = resolve({"method": name})
+    at_init_search = name in ("gemminer", "edge-popup")
+    assert config.model.weight_init == ("signed_constant" if at_init_search else "kaiming_normal")
+    dense_lr = {**RECIPES["dense"], **PRESETS["mnist1d"].get("finetune:dense", {})}["lr"]
+    assert config.finetune.lr == (0.01 if at_init_search else dense_lr)
+    assert resolve({"method": name, "preset": "paper"}).finetune.lr == (0.01 if at_init_search else 0.1)
+    overridden = resolve({"method": name, "model": {"weight_init": "keep"}, "finetune": {"lr": 0.05}})
+    assert overridden.model.weight_init == "keep" and overridden.finetune.lr == 0.05
