@@ -8,7 +8,8 @@ A grid file (YAML) holds::
     dense: true                               # one dense reference per seed
     same_training: false                      # true: every variant trains with one recipe
     variants:
-      gemminer: {method: gemminer, sanity: [shuffle, reinit]}
+      gemminer: {method: gemminer, sanity: [shuffle, reinit],
+                 by_density: {0.0372: {search: {reg_lambda: 3.0e-5}}}}   # settings of one density
       imp-warmup: {method: imp, search: {rewind: "epoch:0.52"}}
       random-erk: {method: random, search: {ratio: erk}}
 
@@ -40,6 +41,7 @@ class Variant:
     name: str
     overrides: dict[str, Any]  # method, search, and any run setting it changes
     sanity: list[str] = field(default_factory=list)
+    by_density: dict[float, dict[str, Any]] = field(default_factory=dict)  # settings for one density only
 
     @property
     def method(self) -> str:
@@ -83,12 +85,15 @@ class Grid:
             for key in ("density", "seed"):
                 if key in variant.overrides:
                     raise GemminerError(f"variant {variant.name} sets {key}: the grid's {key}s apply to every variant")
+            stray = sorted(set(variant.by_density) - set(self.densities))
+            if stray:
+                raise GemminerError(f"variant {variant.name}: by_density names {stray[0]:g}, not a grid density")
             for density in self.densities:  # every cell's config resolves before anything runs
                 resolve(self.cell_overrides(variant, density, self.seeds[0]))
 
     def cell_overrides(self, variant: Variant, density: float, seed: int) -> dict[str, Any]:
         """The run config of one cell: base < variant < density and seed (< the shared recipe)."""
-        overrides = merge(self.base, variant.overrides)
+        overrides = merge(merge(self.base, variant.overrides), variant.by_density.get(density, {}))
         overrides.update(density=density, seed=seed)
         if variant.method == "imp" and len(self.densities) > 1:
             keep = sorted(set(self.densities) - {min(self.densities)} | set(
@@ -147,7 +152,11 @@ def load_grid(path: str | Path) -> Grid:
         if not isinstance(settings, dict):
             raise GemminerError(f"grid variant {name!r} must be a mapping")
         checks = settings.pop("sanity", []) or []
-        variants.append(Variant(str(name), settings, [str(c) for c in checks]))
+        by_density = settings.pop("by_density", {}) or {}
+        if not isinstance(by_density, dict) or not all(isinstance(v, dict) for v in by_density.values()):
+            raise GemminerError(f"grid variant {name!r}: by_density must map densities to settings")
+        by_density = {float(_floats(d, "by_density keys")[0]): v for d, v in by_density.items()}
+        variants.append(Variant(str(name), settings, [str(c) for c in checks], by_density))
     base = document.get("base") or {}
     if not isinstance(base, dict):
         raise GemminerError(f"grid file {path}: 'base' must be a mapping of run settings")

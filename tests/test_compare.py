@@ -1,0 +1,171 @@
+"""Comparison grids end to end: files, table shapes, IMP once per seed, kill and restart, --jobs, Ray,
+and the experiment files shipped with the project."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gemminer.cli import main
+from gemminer.compare import compare
+from gemminer.errors import GemminerError
+from gemminer.grid import load_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BASE = {"data": {"num_samples": 500, "batch_size": 64}, "model": {"width": 8}, "bn_recalibration_batches": 3,
+             "finetune": {"epochs": 2}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def write_grid(tmp_path: Path, data_dir: str, variants: dict, densities=(0.2, 0.1), seeds=(0,), **extra) -> Path:
+    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "dir": data_dir}}
+    document = {"base": base, "densities": list(densities), "seeds": list(seeds), "variants": variants, **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+GEM = {"method": "gemminer", "search": {"epochs": 3, "freeze_period": 1}}
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tiny_grid_end_to_end(tmp_path, data_dir):
+    grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": {**GEM, "sanity": ["shuffle"]},
+                                                     "snip": {"method": "snip"}}))
+    out = tmp_path / "out"
+    text = compare(grid, out, progress=False, report=None)
+    table = rows(out)
+    assert len(table) == 2 * 2 + 1  # variants x densities, plus dense
+    cells = {(row["variant"], row["density"]) for row in table}
+    assert cells == {("gemminer", "0.2"), ("gemminer", "0.1"), ("snip", "0.2"), ("snip", "0.1"), ("dense", "1.0")}
+    for row in table:
+        assert row["acc_after_finetune"] and row["macs_remaining"] and row["config_hash"] and row["gemminer_version"]
+        assert (row["sanity_shuffle"] != "") == (row["variant"] == "gemminer")
+        if row["variant"] != "dense":
+            assert int(row["remaining"]) == round(int(row["total"]) * float(row["density"]))
+    first = text.split("\n\n")[0]
+    assert len(first.splitlines()) == 2 + 5  # header, rule, one line per variant and density
+    assert "| gemminer | 0.2 | shuffle |" in text and "| snip | 0.1 | 1 |" in text  # sanity and paired tables
+    assert (out / "results.md").read_text().strip() == text.strip()
+    for name in ("accuracy_after.png", "accuracy_before.png", "sanity_drops.png", "layer_density.png"):
+        assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_imp_trains_once_per_seed_and_serves_every_density(tmp_path, data_dir):
+    grid = load_grid(write_grid(tmp_path, data_dir, {"imp": {"method": "imp", "search": {"epochs": 1}}},
+                                densities=(0.5, 0.3), dense=False))
+    out = tmp_path / "out"
+    compare(grid, out, progress=False, report=None)
+    assert (out / "imp-d0.3-s0" / "tickets" / "d0.5.safetensors").is_file()  # one run, at the lowest density
+    assert not (out / "imp-d0.5-s0" / "rounds.csv").exists()  # the other density trains that run's ticket
+    by_density = {row["density"]: row for row in rows(out)}
+    assert float(by_density["0.5"]["epochs_to_ticket"]) < float(by_density["0.3"]["epochs_to_ticket"])
+
+
+GRID_COMMAND = [sys.executable, "-m", "gemminer", "compare", "--quiet"]
+
+
+def test_killed_grid_restarted_reuses_finished_cells(tmp_path, data_dir):
+    path = write_grid(tmp_path, data_dir, {"gemminer": GEM, "random": {"method": "random"}}, dense=False)
+    out = tmp_path / "out"
+    command = [*GRID_COMMAND, "--grid", str(path), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    first = out / "gemminer-d0.2-s0" / "summary.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists() and not (out / "results.csv").exists(), "the grid finished before it could be killed"
+    stamp = first.stat().st_mtime_ns
+    subprocess.run(command, check=True, capture_output=True, env=ENV)
+    assert first.stat().st_mtime_ns == stamp  # the finished cell was reused, not recomputed
+    assert len(rows(out)) == 4
+
+
+def test_jobs_run_cells_in_parallel_processes(tmp_path, data_dir, capsys):
+    path = write_grid(tmp_path, data_dir, {"gemminer": GEM, "magnitude": {"method": "magnitude"}},
+                      densities=(0.1,), dense=False)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(["compare", "--grid", str(path), "--out", str(serial), "--quiet"]) == 0
+    assert main(["compare", "--grid", str(path), "--out", str(parallel), "--jobs", "2", "--quiet"]) == 0
+    key = lambda row: (row["variant"], row["density"])  # noqa: E731
+    assert [(key(r), r["acc_after_finetune"]) for r in rows(serial)] == \
+        [(key(r), r["acc_after_finetune"]) for r in rows(parallel)]  # one thread each: the same numbers
+
+
+def test_simple_flags_make_a_grid(tmp_path, data_dir, capsys):
+    out = tmp_path / "out"
+    flags = ["--data-dir", data_dir, "--data-num-samples", "500", "--model-width", "8", "--epochs", "3",
+             "--search-freeze-period", "1", "--finetune-epochs", "2", "--bn-recalibration-batches", "3"]
+    assert main(["compare", "--methods", "gemminer,random", "--densities", "0.1", "--out", str(out), "--quiet",
+                 *flags]) == 0
+    table = rows(out)
+    assert [row["variant"] for row in table] == ["gemminer", "random", "dense"]
+    assert table[0]["sanity_shuffle"] != "" and table[1]["sanity_shuffle"] == ""  # the main job's shuffle
+    assert main(["compare", "--grid", "x.yaml", "--methods", "snip", "--out", str(out)]) == 2
+    assert "drop --methods" in capsys.readouterr().err
+
+
+def test_same_training_forces_one_recipe(tmp_path, data_dir):
+    grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": GEM, "snip": {"method": "snip"}},
+                                same_training=True))
+    lrs = {variant.name: grid.cell_overrides(variant, 0.1, 0)["finetune"]["lr"] for variant in grid.variants}
+    assert lrs == {"gemminer": 0.01, "snip": 0.01}
+    grid.same_training = False
+    assert grid.cell_overrides(grid.variants[1], 0.1, 0)["finetune"].get("lr") is None  # snip's own recipe
+
+
+def test_bad_grids_are_one_line(tmp_path, data_dir):
+    for variants, message in (({"bad name": GEM}, "bad variant name"), ({"x": {"method": "nope"}}, "unknown method"),
+                              ({"r": {"method": "random", "sanity": ["invert"]}}, "cannot be inverted"),
+                              ({"g": {**GEM, "density": 0.3}}, "sets density")):
+        with pytest.raises(GemminerError, match=message):
+            load_grid(write_grid(tmp_path, data_dir, variants))
+
+
+def test_grid_on_a_local_ray_instance(tmp_path, data_dir):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'gemminer[ray]')")
+    grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": GEM, "snip": {"method": "snip"}},
+                                densities=(0.1,), dense=False))
+    out = tmp_path / "out"
+    compare(grid, out, ray_address="local", progress=False, report=None)
+    assert {row["variant"] for row in rows(out)} == {"gemminer", "snip"}
+
+
+EXPERIMENTS = sorted((ROOT / "experiments").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_experiments_parse_and_resolve(path):
+    grid = load_grid(path)  # resolves every cell's config
+    assert grid.variants and grid.densities
+
+
+def test_a_paper_experiment_runs_end_to_end_on_tiny_data(tmp_path, monkeypatch):
+    from tests.test_datasets import write_cifar10_python
+
+    write_cifar10_python(tmp_path / "cifar", per_batch=16)
+    grid = load_grid(ROOT / "experiments" / "paper" / "resnet20-cifar10.yaml")
+    grid.variants = [v for v in grid.variants if v.name in ("gemminer", "synflow")]
+    for variant in grid.variants:
+        variant.overrides["search"] = {"epochs": 2, "freeze_period": 1} if variant.method == "gemminer" else \
+            {"iterations": 3}
+        variant.by_density = {}
+        variant.sanity = ["shuffle"]
+    grid.densities, grid.dense = [0.0372], False
+    grid.base.update({"data": {"name": "cifar10", "dir": str(tmp_path / "cifar"), "limit": 64, "batch_size": 32},
+                      "model": {"name": "resnet20", "width": 4}, "bn_recalibration_batches": 2,
+                      "finetune": {"epochs": 1}, "device": "cpu"})
+    compare(grid, tmp_path / "out", progress=False, report=None)
+    assert {row["variant"] for row in rows(tmp_path / "out")} == {"gemminer", "synflow"}
