@@ -42,8 +42,8 @@ def main() -> None:
             config = resolve({**VAL, **overrides, "seed": args.seed,
                               "data": {**VAL["data"], **overrides.get("data", {})}})
             summary = mine(config, Path(scratch) / str(index), progress=False)
-            print(f"| {label} | {100 * summary['acc_before_finetune']:.1f} | {100 * summary['acc_after_finetune']:.1f} |",
-                  flush=True)
+            before, after = 100 * summary["acc_before_finetune"], 100 * summary["acc_after_finetune"]
+            print(f"| {label} | {before:.1f} | {after:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

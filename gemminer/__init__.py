@@ -17,6 +17,7 @@ from gemminer.methods.dense import Dense
 from gemminer.methods.edgepopup import EdgePopup
 from gemminer.methods.gemminer import GemMiner, GemMinerConfig
 from gemminer.methods.grasp import Grasp
+from gemminer.methods.imp import IMP
 from gemminer.methods.magnitude import Magnitude
 from gemminer.methods.random import RandomTicket
 from gemminer.methods.snip import Snip
@@ -25,6 +26,7 @@ from gemminer.models import build_model
 from gemminer.ticket import Ticket
 
 __all__ = [
+    "IMP",
     "METHODS", "Batches", "Dense", "EdgePopup", "GemMiner", "GemMinerConfig", "GemminerError", "Grasp", "Magnitude",
     "PruningMethod", "RandomTicket", "SearchResult", "Snip", "SynFlow", "TensorData", "Ticket", "build_model",
     "finetune", "initialize_weights", "load_dataset", "prunable_names", "remove_masks",

@@ -97,6 +97,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 32 steps per epoch (vs 391 on CIFAR-10): a larger lr and lambda let the scores
         # move and sink as far within 30 epochs as the paper's do within 150.
         "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": 3e-4, "lr": 0.3},
+        # IMP trains as long per round as Gem-Miner searches; the dense recipe (IMP's rounds, the tickets
+        # of IMP, PaI and random methods) was swept on a validation split (BENCHMARKS.md)
+        "search:imp": {"epochs": 30},
+        "search:edge-popup": {"epochs": 30, "lr": 0.3, "weight_decay": 1e-4},
+        "finetune:dense": {"lr": 0.1, "weight_decay": 5e-4},
     },
     # The official ResNet-18 / Tiny ImageNet config (PAPER.md); the batch size there is 256: --data-batch-size 256.
     "tiny-imagenet": {

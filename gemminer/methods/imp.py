@@ -88,7 +88,7 @@ def density_stops(target: float, prune_fraction: float = 0.2, keep: Iterable[flo
         if not requested:
             return stops
         if not stops or grid < stops[-1] - 1e-12:
-            stops.append(grid)
+            stops.append(float(f"{grid:.12g}"))  # 0.512, not 0.5120000000000001: it names files and keys
         k += 1
 
 
