@@ -9,20 +9,24 @@ and every sanity check start when their cell's run has finished.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gemminer import __version__
+from gemminer.checkpoint import StopFlag, StopRequested
 from gemminer.config import resolve
 from gemminer.errors import GemminerError
 from gemminer.grid import Grid, Variant
@@ -201,16 +205,32 @@ def _worker_devices(jobs: int) -> list[str | None]:
     return [f"cuda:{index % count}" for index in range(jobs)] if count > 1 else [None] * jobs
 
 
+def _stop_with_parent() -> None:
+    """Worker initializer: on Linux, SIGTERM this worker when the grid process dies (even by SIGKILL),
+    so its run checkpoints and stops instead of running on unsupervised."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+
+
 class _ProcessRunner:
     """`jobs` worker processes (spawned: no state shared with this one); the CPU threads are split
-    evenly between them, and with several GPUs each worker takes one."""
+    evenly between them, and with several GPUs each worker takes one. SIGINT or SIGTERM to the grid
+    process stops the workers' runs with a checkpoint each, so the same command resumes them."""
 
     def __init__(self, jobs: int, force: bool) -> None:
         self.force = force
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.devices = _worker_devices(jobs)
         self.slot = 0
-        self.pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_stop_with_parent)
+        self.stop = StopFlag().__enter__()
 
     def submit(self, task: Task) -> concurrent.futures.Future:
         device = self.devices[self.slot % len(self.devices)]
@@ -218,10 +238,20 @@ class _ProcessRunner:
         return self.pool.submit(run_task, task, self.threads, device, self.force, False)
 
     def wait(self, handles: list[Any]) -> list[tuple[Any, Any]]:
-        finished, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
-        return [(future, future.exception() or future.result()) for future in finished]
+        while True:
+            finished, _ = concurrent.futures.wait(handles, timeout=0.5,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+            if self.stop.signal_name is not None:
+                raise StopRequested(self.stop.signal_name)
+            if finished:
+                return [(future, future.exception() or future.result()) for future in finished]
 
     def close(self) -> None:
+        self.stop.__exit__()
+        if self.stop.signal_name is not None:  # the workers checkpoint their runs and stop
+            for process in list(getattr(self.pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -239,7 +269,6 @@ class _RayRunner:
             ray.init(address=None if address in ("", "local") else address, include_dashboard=False,
                      log_to_driver=False, ignore_reinit_error=True)
         self.remote = ray.remote(num_cpus=1)(run_task)
-        self.refs: dict[Any, Any] = {}
 
     def submit(self, task: Task) -> Any:
         return self.remote.remote(task, 1, None, self.force, False)
