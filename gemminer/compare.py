@@ -27,7 +27,7 @@ from typing import Any
 
 from gemminer import __version__
 from gemminer.checkpoint import StopFlag, StopRequested
-from gemminer.config import resolve
+from gemminer.config import resolve, to_dict
 from gemminer.errors import GemminerError
 from gemminer.grid import Grid, Variant
 from gemminer.runs import RunFolder, write_atomic
@@ -330,11 +330,13 @@ def _macs(folder: Path) -> dict[str, int] | None:
     from gemminer.experiment import load_run, setup
     from gemminer.report import layer_macs
 
-    config_text = (folder / "config.yaml").read_text()
-    key = hashlib.sha256(config_text.encode()).hexdigest()
-    if key not in _MACS_CACHE:
+    try:
+        config, _, _, init = load_run(folder)
+    except GemminerError:
+        return None
+    key = json.dumps([to_dict(config.model), config.data.name, config.data.num_samples], sort_keys=True)
+    if key not in _MACS_CACHE:  # the model and the input shape decide the MACs, not the seed or density
         try:
-            config, _, _, init = load_run(folder)
             config.device = "cpu"
             run = setup(config, init_state=init)
             _MACS_CACHE[key] = layer_macs(run.model, run.dataset.input_shape)
@@ -343,13 +345,14 @@ def _macs(folder: Path) -> dict[str, int] | None:
     return _MACS_CACHE[key]
 
 
-def _rounds_row(run: Path, remaining: int, total: int) -> dict[str, Any] | None:
+def _rounds_row(run: Path, remaining: int) -> dict[str, Any] | None:
+    """The IMP round that pruned to exactly `remaining` weights."""
     path = run / "rounds.csv"
     if not path.is_file():
         return None
     with open(path) as handle:
         for row in csv.DictReader(handle):
-            if round(float(row["pruned_to"]) * total) == remaining:
+            if int(row["kept"]) == remaining:
                 return row
     return None
 
@@ -378,7 +381,7 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
     }
     if cell.imp_run is not None:  # a stop of an IMP run: its cost is the rounds up to that stop
         imp = RunFolder(cell.imp_run).summary()
-        rounds = _rounds_row(cell.imp_run, ticket.remaining, ticket.total)
+        rounds = _rounds_row(cell.imp_run, ticket.remaining)
         row["acc_before_finetune_at_init"] = imp.get("acc_before_finetune_at_init", True)
         if rounds is not None:
             row["epochs_to_ticket"] = _number(rounds["epochs"])

@@ -283,6 +283,12 @@ def validate(config: RunConfig) -> None:
         raise GemminerError(f"unknown data.eval_split {config.data.eval_split!r}; allowed: test, val")
     if config.data.eval_split == "val" and config.data.val_size < 1:
         raise GemminerError("data.eval_split val needs a validation split: give data.val_size N")
+    if config.method == "imp":
+        if config.density >= 1:
+            raise GemminerError("imp prunes: its density must be below 1")
+        if config.finetune.epochs != config.search.epochs:
+            raise GemminerError(f"imp trains its ticket as its last round: finetune.epochs ({config.finetune.epochs}) "
+                                f"must equal search.epochs ({config.search.epochs}); set search.epochs alone")
     validate_search = getattr(config.search, "validate", None)
     if validate_search:
         validate_search()

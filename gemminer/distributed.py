@@ -60,9 +60,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast(tensor: torch.Tensor, source: int = 0) -> torch.Tensor:
-    """Rank `source`'s value on every rank, in place."""
+    """Rank `source`'s value on every rank, in place. NCCL moves only CUDA tensors (and no bool):
+    a CPU mask goes over as uint8 on this process's GPU and comes back."""
     if active():
-        dist.broadcast(tensor, source)
+        if dist.get_backend() == "nccl" and (tensor.device.type != "cuda" or tensor.dtype == torch.bool):
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()), torch.uint8)
+            dist.broadcast(moved, source)
+            tensor.copy_(moved.to(tensor.device, tensor.dtype))
+        else:
+            dist.broadcast(tensor, source)
     return tensor
 
 

@@ -23,7 +23,7 @@ from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
 from gemminer.init import init_hash, initialize_weights
 from gemminer.masking import prunable_names, remove_masks
-from gemminer.methods import method_class
+from gemminer.methods import METHODS, method_class
 from gemminer.models import build_model
 from gemminer.runs import RunFolder
 from gemminer.seeding import make_generator
@@ -351,18 +351,24 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
         folder.write_ticket(ticket, "ticket.safetensors")
 
     # weights that are the ticket's start weights (IMP's rewind point) join its schedule where IMP did
-    start_step = start_step_of(ticket) if ticket.metadata.get("start_hash") == init_hash(run.model) else 0
+    on_start_weights = ticket.metadata.get("start_hash") == init_hash(run.model)
+    start_step = start_step_of(ticket) if on_start_weights else 0
 
     with run_session(config, out, force, True, initial_files) as (folder, checkpoint):
         acc_ticket = run.at_init_accuracy(ticket)
         history, seconds = train_ticket(run, ticket, folder, progress, checkpoint, start_step=start_step)
-        summary = {"method": ticket.metadata.get("method", "unknown"), "data": config.data.name,
+        method = ticket.metadata.get("method", "unknown")
+        summary = {"method": method, "data": config.data.name,
                    "model": config.model.name, "seed": config.seed,
                    "density_target": ticket.metadata.get("density_target"), "density_actual": ticket.density,
                    "acc_ticket_at_init": acc_ticket,
                    "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
-                   "finetune_epochs": len(history), "finetune_seconds": seconds, "device": str(run.device),
-                   "processes": distributed.world_size()}
+                   "finetune_epochs": len(history), "finetune_seconds": seconds,
+                   "weight_init": config.model.weight_init,
+                   "recipe": method_class(method).recipe if method in METHODS else None,
+                   "training": to_dict(config.finetune), "start_step": start_step,
+                   "start_point": ticket.metadata.get("start_point", "init") if on_start_weights else "init",
+                   "device": str(run.device), "processes": distributed.world_size()}
         folder.finish(summary)
     return summary
 

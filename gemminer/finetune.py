@@ -51,6 +51,9 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
         if not hasattr(train, "__len__"):
             raise GemminerError("starting the schedule mid-way needs batches with a length")
         first_epoch, skip = divmod(start_step, len(train))
+        if first_epoch >= epochs:
+            raise GemminerError(f"the schedule starts at step {start_step}, past its end ({epochs} epochs of "
+                                f"{len(train)} steps): nothing would train")
         with warnings.catch_warnings():  # stepping the schedule forward before any optimizer step is the point
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(first_epoch):

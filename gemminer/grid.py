@@ -88,6 +88,9 @@ class Grid:
             stray = sorted(set(variant.by_density) - set(self.densities))
             if stray:
                 raise GemminerError(f"variant {variant.name}: by_density names {stray[0]:g}, not a grid density")
+            if variant.method == "imp" and set(variant.by_density) - {min(self.densities)}:
+                raise GemminerError(f"variant {variant.name}: IMP runs once, at the lowest density; by_density can "
+                                    f"only set {min(self.densities):g}")
             for density in self.densities:  # every cell's config resolves before anything runs
                 resolve(self.cell_overrides(variant, density, self.seeds[0]))
 
@@ -96,8 +99,9 @@ class Grid:
         overrides = merge(merge(self.base, variant.overrides), variant.by_density.get(density, {}))
         overrides.update(density=density, seed=seed)
         if variant.method == "imp" and len(self.densities) > 1:
-            keep = sorted(set(self.densities) - {min(self.densities)} | set(
-                overrides.get("search", {}).get("keep_densities") or []), reverse=True)
+            search = _mapping(overrides.get("search"), f"variant {variant.name}: search")
+            keep = sorted(set(self.densities) - {min(self.densities)} | set(search.get("keep_densities") or []),
+                          reverse=True)
             overrides = merge(overrides, {"search": {"keep_densities": keep}})
         return merge(overrides, {"finetune": self.training(variant)})
 
@@ -107,9 +111,13 @@ class Grid:
         reference = resolve(merge(merge(self.base, {"method": "gemminer"}),
                                   {"search": self._gemminer_search()}))
         forced: dict[str, Any] = {"epochs": reference.finetune.epochs}
-        if self.same_training:
+        if self.same_training:  # for IMP this recipe trains its rounds too: one recipe for every training
             forced = to_dict(reference.finetune)
-        variant_epochs = (variant.overrides.get("finetune") or {}).get("epochs")
+        variant_epochs = _mapping(variant.overrides.get("finetune"), f"variant {variant.name}: finetune").get("epochs")
+        if variant.method == "imp":  # its ticket trains as its last round: as long as each round
+            variant_epochs = resolve(merge(merge(self.base, variant.overrides), {"density": min(self.densities),
+                                                                                "finetune": {"epochs": None}})
+                                     ).search.epochs
         return {**forced, **({"epochs": variant_epochs} if variant_epochs is not None else {})}
 
     def _gemminer_search(self) -> dict[str, Any]:
@@ -117,6 +125,21 @@ class Grid:
             if variant.method == "gemminer":
                 return dict(merge(self.base.get("search") or {}, variant.overrides.get("search") or {}))
         return dict(self.base.get("search") or {}) if self.base.get("method", "gemminer") == "gemminer" else {}
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """`value` as a mapping (None: empty), or one clear error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise GemminerError(f"{what} must be a mapping of settings, got {value!r}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise GemminerError(f"grid {what} must be true or false, got {value!r}")
+    return value
 
 
 def _floats(values: Any, what: str) -> list[float]:
@@ -148,10 +171,14 @@ def load_grid(path: str | Path) -> Grid:
         raise GemminerError(f"grid file {path} needs a 'variants' mapping of name -> settings")
     variants = []
     for name, settings in variants_doc.items():
-        settings = dict(settings or {})
-        if not isinstance(settings, dict):
-            raise GemminerError(f"grid variant {name!r} must be a mapping")
+        settings = dict(_mapping(settings, f"grid variant {name!r}"))
+        for section in ("data", "model", "search", "finetune"):
+            _mapping(settings.get(section), f"grid variant {name!r}: {section}")
         checks = settings.pop("sanity", []) or []
+        if isinstance(checks, str):
+            checks = [part.strip() for part in checks.split(",") if part.strip()]
+        if not isinstance(checks, list):
+            raise GemminerError(f"grid variant {name!r}: sanity must be a list of checks")
         by_density = settings.pop("by_density", {}) or {}
         if not isinstance(by_density, dict) or not all(isinstance(v, dict) for v in by_density.values()):
             raise GemminerError(f"grid variant {name!r}: by_density must map densities to settings")
@@ -161,8 +188,8 @@ def load_grid(path: str | Path) -> Grid:
     if not isinstance(base, dict):
         raise GemminerError(f"grid file {path}: 'base' must be a mapping of run settings")
     grid = Grid(base, variants, _floats(document.get("densities", []), "densities"),
-                _ints(document.get("seeds", [0]), "seeds"), bool(document.get("dense", True)),
-                bool(document.get("same_training", False)))
+                _ints(document.get("seeds", [0]), "seeds"), _bool(document.get("dense", True), "dense"),
+                _bool(document.get("same_training", False), "same_training"))
     grid.validate()
     return grid
 

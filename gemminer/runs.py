@@ -191,10 +191,11 @@ class RunFolder:
                 raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
             for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
                           "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
-                          "rounds.csv"):  # nothing of an earlier run survives (`.lock` does: it may be held)
+                          "rounds.csv", "sanity.json"):  # nothing of an earlier run survives (`.lock` does)
                 self.file(stale).unlink(missing_ok=True)
-            if self.file("tickets").is_dir():
-                shutil.rmtree(self.file("tickets"))
+            for folder in ("tickets", "sanity"):
+                if self.file(folder).is_dir():
+                    shutil.rmtree(self.file(folder))
             write_atomic(self.file("config.yaml"), dump_yaml(config))
 
     def check_same_config(self, config: RunConfig) -> None:

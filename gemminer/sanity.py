@@ -29,7 +29,7 @@ from gemminer.methods import method_class
 from gemminer.methods.scoring import keep_bottom
 from gemminer.runs import RunFolder, write_atomic
 from gemminer.seeding import derive_seed, make_generator
-from gemminer.ticket import Ticket, read_safetensors
+from gemminer.ticket import Ticket, masks_digest, read_safetensors
 
 CHECKS = ("shuffle", "reinit", "invert")
 
@@ -82,6 +82,10 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
         raise GemminerError(f"method {config.method} keeps no ranking of weights, so its ticket cannot be "
                             "inverted; run --checks shuffle,reinit")
     start = read_start(folder)
+    previous = json.loads(folder.file("sanity.json").read_text()) if folder.file("sanity.json").is_file() else {}
+    digest = masks_digest(ticket.masks)
+    if previous.get("ticket_sha256") not in (None, digest):  # the run was redone: its old variants are stale
+        force, previous = True, {}
     results: dict[str, Any] = {}
     for check in names:
         out = run_dir / "sanity" / check
@@ -101,10 +105,9 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
         if report is not None:
             report(f"{check:>8}: {100 * accuracy:.2f}% after training; drop from the ticket's "
                    f"{100 * summary['acc_after_finetune']:.2f}%: {100 * drop:+.2f} points")
-    document = {"run": str(run_dir), "method": config.method, "density": ticket.density,
-                "acc_after_finetune": summary["acc_after_finetune"], "checks": results}
-    previous = json.loads(folder.file("sanity.json").read_text()) if folder.file("sanity.json").is_file() else {}
-    document["checks"] = {**previous.get("checks", {}), **results}
+    document = {"run": str(run_dir), "method": config.method, "density": ticket.density, "ticket_sha256": digest,
+                "acc_after_finetune": summary["acc_after_finetune"],
+                "checks": {**previous.get("checks", {}), **results}}
     write_atomic(folder.file("sanity.json"), json.dumps(document, indent=2) + "\n")
     return results
 

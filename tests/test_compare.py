@@ -129,7 +129,10 @@ def test_same_training_forces_one_recipe(tmp_path, data_dir):
 def test_bad_grids_are_one_line(tmp_path, data_dir):
     for variants, message in (({"bad name": GEM}, "bad variant name"), ({"x": {"method": "nope"}}, "unknown method"),
                               ({"r": {"method": "random", "sanity": ["invert"]}}, "cannot be inverted"),
-                              ({"g": {**GEM, "density": 0.3}}, "sets density")):
+                              ({"g": {**GEM, "density": 0.3}}, "sets density"),
+                              ({"g": [1, 2]}, "must be a mapping"), ({"g": {"method": "snip", "search": 3}},
+                                                                       "must be a mapping"),
+                              ({"i": {"method": "imp", "by_density": {0.2: {"seed": 1}}}}, "lowest density")):
         with pytest.raises(GemminerError, match=message):
             load_grid(write_grid(tmp_path, data_dir, variants))
 

@@ -92,6 +92,16 @@ def test_init_rewinding_trains_every_round_from_step_zero(stream):
     assert all((second[name] <= first[name]).all() for name in first)  # survivors only shrink
 
 
+def test_imp_trains_its_ticket_as_its_last_round_and_prunes(data_dir):
+    from gemminer.config import resolve
+
+    with pytest.raises(GemminerError, match="must equal search"):
+        resolve({"method": "imp", "search": {"epochs": 3}, "finetune": {"epochs": 2}})
+    assert resolve({"method": "imp", "search": {"epochs": 3}}).finetune.epochs == 3
+    with pytest.raises(GemminerError, match="below 1"):
+        resolve({"method": "imp", "density": 1.0})
+
+
 def test_bad_rewind_is_one_line():
     for rewind in ("epoch:0", "epoch:5", "epoch:x", "later"):
         with pytest.raises(GemminerError):
@@ -132,18 +142,21 @@ def test_run_folder_trains_the_ticket_from_the_rewind_point(data_dir, tmp_path, 
     assert tickets == ["d0.5.safetensors", "d0.512.safetensors", "d0.64.safetensors", "d0.7.safetensors",
                        "d0.8.safetensors"]
     rounds = (tmp_path / "run" / "rounds.csv").read_text().splitlines()
-    assert rounds[0] == "round,density,pruned_to,test_acc,epochs,seconds" and len(rounds) == 6
+    assert rounds[0] == "round,density,pruned_to,kept,test_acc,epochs,seconds" and len(rounds) == 6
     assert Ticket.load(tmp_path / "run" / "tickets" / "d0.7.safetensors").metadata["density_target"] == 0.7
     # --force clears every IMP file of the old run before the new one writes its own
+    (tmp_path / "run" / "sanity" / "shuffle").mkdir(parents=True)
+    (tmp_path / "run" / "sanity.json").write_text("{}")
     config2 = resolve(imp_overrides(density=0.8))
     experiment.mine(config2, tmp_path / "run", force=True, progress=False)
+    assert not (tmp_path / "run" / "sanity").exists() and not (tmp_path / "run" / "sanity.json").exists()
     assert not (tmp_path / "run" / "start.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "run" / "tickets").iterdir()) == ["d0.8.safetensors"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["start_point"] == "init"
 
 
 IMP_FLAGS = ["--method", "imp", "--density", "0.4", "--epochs", "3", "--search-rewind", "epoch:0.5",
-             "--finetune-epochs", "2", "--model-width", "16", "--data-num-samples", "1000", "--data-batch-size", "32",
+             "--model-width", "16", "--data-num-samples", "1000", "--data-batch-size", "32",
              "--bn-recalibration-batches", "3", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -155,9 +168,11 @@ def imp_rows(path) -> int:
         return 0
 
 
-def test_sigkill_mid_round_then_resume_gives_the_same_ticket(tmp_path, data_dir):
+@pytest.mark.parametrize("checkpoint_every", ["1", "0"])  # 0: the last checkpoint is the end of a round
+def test_sigkill_mid_round_then_resume_gives_the_same_ticket(checkpoint_every, tmp_path, data_dir):
     def command(out):
-        return [sys.executable, "-m", "gemminer", "mine", "--out", str(out), *IMP_FLAGS, "--data-dir", data_dir]
+        return [sys.executable, "-m", "gemminer", "mine", "--out", str(out), *IMP_FLAGS, "--data-dir", data_dir,
+                "--checkpoint-every", checkpoint_every]
 
     subprocess.run(command(tmp_path / "reference"), check=True, capture_output=True, env=ENV)
     out = tmp_path / "killed"

@@ -127,11 +127,14 @@ class IMP(PruningMethod):
                 checkpoint: Checkpointer | None = None) -> SearchResult:
         from gemminer.finetune import finetune  # finetune imports the method base: import late
 
-        config, start = self.config, time.perf_counter()
+        config = self.config
+        if self.density >= 1:
+            raise GemminerError("imp prunes: its density must be below 1")
         names = self.prunable(model)
         sizes = {name: w.numel() for name, w in weights(model, names).items()}
         total = sum(sizes.values())
         stops = density_stops(self.density, config.prune_fraction, config.keep_densities or ())
+        requested = {f"{d:.12g}" for d in (*(config.keep_densities or ()), self.density)}
         rewind_at = rewind_epoch(config.rewind, config.epochs)
         rewind_step = 0
         if rewind_at is not None:
@@ -160,6 +163,10 @@ class IMP(PruningMethod):
                 weights_from, start_step = progress["trained"], 0
             else:
                 weights_from, start_step = progress["rewind"], rewind_step
+            phase = f"imp-round-{index + 1}"
+            if "stream" in progress and (checkpoint is None or checkpoint.phase_state(phase) is None) \
+                    and hasattr(train, "load_state_dict"):
+                train.load_state_dict(progress["stream"])  # a resume between rounds continues the same stream
             net = copy.deepcopy(model).to(self.device)
             net.load_state_dict(weights_from)
             attach_fixed_masks(net, {name: mask.to(self.device) for name, mask in progress["masks"].items()})
@@ -171,7 +178,7 @@ class IMP(PruningMethod):
                     progress["rewind"] = plain_state(net)
 
             rows = finetune(net, train, test, epochs=config.epochs, config=self.training, log=log,
-                            progress=self.progress, phase=f"imp-round-{index + 1}", checkpoint=checkpoint,
+                            progress=self.progress, phase=phase, checkpoint=checkpoint,
                             start_step=start_step, after_step=capture if rewind_step else None,
                             extra_state={"imp_steps": counter})
             trained = plain_state(net)
@@ -184,19 +191,23 @@ class IMP(PruningMethod):
             progress["history"] += rows
             progress["rounds"].append({"round": index + 1, "density": sum(int(m.sum()) for m in
                                                                           progress["masks"].values()) / total,
-                                       "pruned_to": keep / total, "test_acc": accuracy,
+                                       "pruned_to": keep / total, "kept": keep, "test_acc": accuracy,
                                        "epochs": progress["epochs"], "seconds": progress["seconds"]})
             progress["masks"] = masks
             progress["tickets"][f"{stops[index]:.12g}"] = masks
             if config.rewind == "lr":
                 progress["trained"] = trained
-                progress["starts"][f"{stops[index]:.12g}"] = trained
+                if f"{stops[index]:.12g}" in requested:  # every stop's own start would be a copy of the model each
+                    progress["starts"][f"{stops[index]:.12g}"] = trained
+            if hasattr(train, "state_dict"):
+                progress["stream"] = train.state_dict()
             progress["round"] = index + 1
             if checkpoint is not None:
                 checkpoint.pipeline["rows"] = list(progress["history"])  # a resume keeps earlier rounds' rows
                 checkpoint.save(None)  # the round is done: a resume starts the next one
 
-        return self._result(model, initial, progress, stops, rewind_step, time.perf_counter() - start)
+        # the rounds' own seconds (a resumed run's too) and this process's set-up
+        return self._result(model, initial, progress, stops, rewind_step, progress["seconds"])
 
     def _result(self, model: nn.Module, initial: dict[str, Tensor], progress: dict[str, Any], stops: list[float],
                 rewind_step: int, seconds: float) -> SearchResult:
@@ -213,6 +224,8 @@ class IMP(PruningMethod):
         def ticket_of(masks: dict[str, Tensor], density: float, start: dict[str, Tensor] | None) -> Any:
             ticket = self.make_ticket(model, masks, **extra)
             ticket.metadata["density_target"] = density
+            if config.rewind == "lr" and start is None:  # a stop that was not asked for: its weights were not kept
+                ticket.metadata["start_point"] = "trained (not kept: list the density in keep_densities)"
             if start is not None:  # the weights its training starts from: a fingerprint that eval checks
                 ticket.metadata["start_hash"] = state_hash({k: v for k, v in start.items() if k in initial
                                                             and _is_parameter(model, k)})
@@ -221,9 +234,9 @@ class IMP(PruningMethod):
         tickets, starts = {}, {}
         for density in stops:
             key = f"{density:.12g}"
-            start = progress["starts"].get(key, start_state) if config.rewind == "lr" else start_state
+            start = progress["starts"].get(key) if config.rewind == "lr" else start_state
             tickets[density] = ticket_of(progress["tickets"][key], density, start)
-            if config.rewind == "lr":
+            if config.rewind == "lr" and key in progress["starts"]:
                 starts[density] = start
         final = copy.deepcopy(tickets[stops[-1]])
         final.metadata["density_target"] = self.density
