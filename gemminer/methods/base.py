@@ -18,7 +18,7 @@ from gemminer.init import WEIGHT_INITS, init_hash, initialize_weights
 from gemminer.masking import prunable_names
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket
-from gemminer.train import Batch, resolve_device
+from gemminer.train import Batch, evaluate, recalibrate_batchnorm, resolve_device
 
 MetricsLog = Callable[[dict[str, Any]], None]
 
@@ -157,6 +157,16 @@ class PruningMethod(ABC):
         """The method itself, on `model`'s current weights (see `search`); it must not change `model`."""
 
     # helpers for subclasses ---------------------------------------------------------
+    def searched_accuracy(self, net: nn.Module, test: Iterable[Batch] | None,
+                          recalibration: Iterable[Batch] | None) -> dict[str, float]:
+        """``{"test_acc": ...}`` of a searched network at init (empty without `test`); BatchNorm is
+        recalibrated first, which changes no search step (training uses batch statistics)."""
+        if test is None:
+            return {}
+        if recalibration is not None:
+            recalibrate_batchnorm(net, recalibration, self.bn_recalibration_batches)
+        return {"test_acc": evaluate(net, test).accuracy}
+
     def prunable(self, model: nn.Module) -> list[str]:
         return prunable_names(model, self.prune_first, self.prune_last)
 

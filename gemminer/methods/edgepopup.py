@@ -34,7 +34,7 @@ from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.random import uniform_counts
 from gemminer.methods.scoring import exact_count, keep_top, keep_top_per_layer
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm, stateful_streams
+from gemminer.train import Batch, fit, stateful_streams
 
 SCOPES = ("layer", "global")
 
@@ -117,12 +117,7 @@ class EdgePopup(PruningMethod):
                      if config.lr_schedule == "cosine" else None)
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
-            row: dict[str, Any] = {"density": total / sum(sizes.values())}
-            if test is not None:
-                if recalibration is not None:  # training uses batch statistics: this changes no step
-                    recalibrate_batchnorm(net, recalibration, self.bn_recalibration_batches)
-                row["test_acc"] = evaluate(net, test).accuracy
-            return row
+            return {"density": total / sum(sizes.values()), **self.searched_accuracy(net, test, recalibration)}
 
         setup_seconds = time.perf_counter() - start
         state = {"net": net, "optimizer": optimizer, **({"scheduler": scheduler} if scheduler else {}),

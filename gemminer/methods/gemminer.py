@@ -26,7 +26,7 @@ from gemminer.init import init_hash
 from gemminer.masking import ScoreMask, attach
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm, stateful_streams
+from gemminer.train import Batch, fit, stateful_streams
 
 
 @dataclass
@@ -147,13 +147,8 @@ class GemMiner(PruningMethod):
                 alive = sum(int(m.alive.sum()) for m in score_masks)
                 gem = sum(int(((m.scores > 0.5) & m.alive.bool()).sum()) for m in score_masks)
                 reg = config.reg_lambda * sum(float((s * s).sum()) for s in scores)
-            row = {"reg_loss": reg, "density": alive / total, "density_gem": gem / total,
-                   "freeze_event": int(epoch in schedule)}
-            if test is not None:
-                if recalibration is not None:  # training uses batch statistics: this changes no step
-                    recalibrate_batchnorm(net, recalibration, self.bn_recalibration_batches)
-                row["test_acc"] = evaluate(net, test).accuracy
-            return row
+            return {"reg_loss": reg, "density": alive / total, "density_gem": gem / total,
+                    "freeze_event": int(epoch in schedule), **self.searched_accuracy(net, test, recalibration)}
 
         setup_seconds = time.perf_counter() - start
         state = {"net": net, "optimizer": optimizer, **({"scheduler": scheduler} if scheduler else {}),
