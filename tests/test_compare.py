@@ -172,3 +172,26 @@ def test_a_paper_experiment_runs_end_to_end_on_tiny_data(tmp_path, monkeypatch):
                       "finetune": {"epochs": 1}, "device": "cpu"})
     compare(grid, tmp_path / "out", progress=False, report=None)
     assert {row["variant"] for row in rows(tmp_path / "out")} == {"gemminer", "synflow"}
+
+
+def test_sigterm_stops_a_parallel_grid_with_checkpoints_and_it_resumes(tmp_path, data_dir):
+    slow = {"method": "gemminer", "search": {"epochs": 40, "freeze_period": 2}}
+    path = write_grid(tmp_path, data_dir, {"gemminer": slow, "snip": {"method": "snip"}}, densities=(0.1,),
+                      dense=False)
+    out = tmp_path / "out"
+    command = [*GRID_COMMAND, "--grid", str(path), "--out", str(out), "--jobs", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = out / "gemminer-d0.1-s0" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "stopped by SIGTERM" in stderr
+    assert (out / "gemminer-d0.1-s0" / "checkpoint.pt").exists()  # the worker's run checkpointed and stopped
+    rows_before = len(metrics.read_text().splitlines())
+    time.sleep(1.0)
+    assert len(metrics.read_text().splitlines()) == rows_before  # no worker runs on unsupervised
+    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(rows(out)) == 2
