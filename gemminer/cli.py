@@ -299,6 +299,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise GemminerError(f"--grid FILE sets variants, densities and seeds; drop {', '.join(given)}")
         grid = load_grid(args.grid)
         flags = _overrides(args)
+        if flags.get("search"):
+            raise GemminerError("with --grid, a method's options go in its variant (search: ...), not --search-* flags")
         if flags:  # flags and --config refine the grid's base settings
             from gemminer.config import merge
 
