@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ from typing import Any
 
 from gemminer import __version__
 from gemminer.checkpoint import StopFlag, StopRequested
-from gemminer.config import resolve, to_dict
+from gemminer.config import load_yaml, resolve, to_dict
 from gemminer.errors import GemminerError
 from gemminer.grid import Grid, Variant
 from gemminer.runs import RunFolder, write_atomic
@@ -313,7 +314,9 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
 
 
 # ---- rows ---------------------------------------------------------------------------
+@functools.cache
 def _git_commit() -> str:
+    """The checkout's commit, once per process (every row carries it)."""
     try:
         here = Path(__file__).resolve().parent
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -327,18 +330,18 @@ _MACS_CACHE: dict[str, dict[str, int]] = {}
 
 def _macs(folder: Path) -> dict[str, int] | None:
     """Dense MACs per layer of the cell's model (one per model config), from `report`."""
-    from gemminer.experiment import load_run, setup
+    from gemminer.experiment import setup
     from gemminer.report import layer_macs
 
     try:
-        config, _, _, init = load_run(folder)
+        config = resolve(load_yaml(str(folder / "config.yaml")))
     except GemminerError:
         return None
     key = json.dumps([to_dict(config.model), config.data.name, config.data.num_samples], sort_keys=True)
-    if key not in _MACS_CACHE:  # the model and the input shape decide the MACs, not the seed or density
+    if key not in _MACS_CACHE:  # the model and the input shape decide the MACs, not the weights, seed or density
         try:
             config.device = "cpu"
-            run = setup(config, init_state=init)
+            run = setup(config)
             _MACS_CACHE[key] = layer_macs(run.model, run.dataset.input_shape)
         except GemminerError:
             return None

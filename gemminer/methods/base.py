@@ -12,13 +12,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import WEIGHT_INITS, init_hash, initialize_weights
 from gemminer.masking import prunable_names
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket
-from gemminer.train import Batch, evaluate, recalibrate_batchnorm, resolve_device
+from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm, resolve_device, stateful_streams
 
 MetricsLog = Callable[[dict[str, Any]], None]
 
@@ -157,6 +158,32 @@ class PruningMethod(ABC):
         """The method itself, on `model`'s current weights (see `search`); it must not change `model`."""
 
     # helpers for subclasses ---------------------------------------------------------
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` on this method's device whose own parameters never train (score searches)."""
+        net = copy.deepcopy(model).to(self.device)
+        for parameter in net.parameters():
+            parameter.requires_grad_(False)  # weights, biases and BN affine stay at their initial values
+        return net
+
+    def fit_scores(self, net: nn.Module, scores: list[Tensor], train: Iterable[Batch], *, epochs: int,
+                   optimizer: str, lr: float, momentum: float, weight_decay: float, lr_schedule: str,
+                   end_of_epoch: Callable[[int], dict[str, Any]], after_step: Callable[[], None] | None = None,
+                   log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
+                   checkpoint: Checkpointer | None = None) -> list[dict[str, Any]]:
+        """Train `scores` (SGD with momentum, or Adam; cosine or constant lr) through the shared loop,
+        checkpointed and resumable as the "search" phase; returns the per-epoch rows."""
+        if optimizer == "sgd":
+            score_optimizer = torch.optim.SGD(scores, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            score_optimizer = torch.optim.Adam(scores, lr=lr, weight_decay=weight_decay)
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(score_optimizer, epochs)
+                     if lr_schedule == "cosine" else None)
+        state = {"net": net, "optimizer": score_optimizer, **({"scheduler": scheduler} if scheduler else {}),
+                 **stateful_streams(train=train, recalibration=recalibration)}
+        return fit(distributed.wrap(net), train, score_optimizer, scheduler, epochs, phase="search",
+                   end_of_epoch=end_of_epoch, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
+                   progress=self.progress)
+
     def searched_accuracy(self, net: nn.Module, test: Iterable[Batch] | None,
                           recalibration: Iterable[Batch] | None) -> dict[str, float]:
         """``{"test_acc": ...}`` of a searched network at init (empty without `test`); BatchNorm is

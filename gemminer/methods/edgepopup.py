@@ -16,7 +16,6 @@ fan-in and can leave a wide classifier almost empty at low density.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterable
@@ -26,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.masking import GlobalTopK, TopKScoreMask, attach, weights
@@ -34,7 +32,7 @@ from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.random import uniform_counts
 from gemminer.methods.scoring import exact_count, keep_top, keep_top_per_layer
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, fit, stateful_streams
+from gemminer.train import Batch
 
 SCOPES = ("layer", "global")
 
@@ -88,9 +86,7 @@ class EdgePopup(PruningMethod):
                 checkpoint: Checkpointer | None = None) -> SearchResult:
         config = self.config
         start = time.perf_counter()
-        net = copy.deepcopy(model).to(self.device)
-        for parameter in net.parameters():
-            parameter.requires_grad_(False)  # weights, biases and BN affine stay at their initial values
+        net = self.frozen_copy(model)
         names = self.prunable(net)
         fixed = weights(net, names)
         sizes = {name: weight.numel() for name, weight in fixed.items()}
@@ -107,24 +103,16 @@ class EdgePopup(PruningMethod):
             nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
             masks[name] = TopKScoreMask(scores.to(fixed[name].device), None if shared else counts[name], shared)
         attach(net, names, lambda name, weight: masks[name])
-        scores = [mask.scores for mask in masks.values()]
-        if config.optimizer == "sgd":
-            optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum,
-                                        weight_decay=config.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(scores, lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
-                     if config.lr_schedule == "cosine" else None)
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
             return {"density": total / sum(sizes.values()), **self.searched_accuracy(net, test, recalibration)}
 
         setup_seconds = time.perf_counter() - start
-        state = {"net": net, "optimizer": optimizer, **({"scheduler": scheduler} if scheduler else {}),
-                 **stateful_streams(train=train, recalibration=recalibration)}
-        history = fit(distributed.wrap(net), train, optimizer, scheduler, config.epochs, phase="search",
-                      end_of_epoch=end_of_epoch, log=log, checkpoint=checkpoint, state=state,
-                      progress=self.progress)
+        history = self.fit_scores(net, [mask.scores for mask in masks.values()], train, epochs=config.epochs,
+                                  optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+                                  weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
+                                  end_of_epoch=end_of_epoch, log=log, recalibration=recalibration,
+                                  checkpoint=checkpoint)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         ranking = {name: mask.scores.detach().abs().to("cpu") for name, mask in masks.items()}
         # the same selection the forward pass makes (ties by index), decided on rank 0 and broadcast

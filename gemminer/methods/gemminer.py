@@ -9,7 +9,6 @@ round(N * density) alive. With `unflag` the ticket is `alive`.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterable
@@ -26,7 +25,7 @@ from gemminer.init import init_hash
 from gemminer.masking import ScoreMask, attach
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
-from gemminer.train import Batch, fit, stateful_streams
+from gemminer.train import Batch
 
 
 @dataclass
@@ -108,9 +107,7 @@ class GemMiner(PruningMethod):
                 checkpoint: Checkpointer | None = None) -> SearchResult:
         config = self.config
         start = time.perf_counter()
-        net = copy.deepcopy(model).to(self.device)
-        for parameter in net.parameters():
-            parameter.requires_grad_(False)  # weights, biases and BN affine stay at their initial values
+        net = self.frozen_copy(model)
         names = self.prunable(net)
         generator = make_generator(self.seed, "scores")
 
@@ -123,15 +120,6 @@ class GemMiner(PruningMethod):
 
         score_masks = list(attach(net, names, make_scores).values())
         scores = [mask.scores for mask in score_masks]
-        # lambda * sum(s^2) enters as weight decay 2 * lambda: the same gradient for SGD and Adam
-        # (both add decay * s to the gradient), without an extra pass over every score per step.
-        if config.optimizer == "sgd":
-            optimizer = torch.optim.SGD(scores, lr=config.lr, momentum=config.momentum,
-                                        weight_decay=2 * config.reg_lambda)
-        else:
-            optimizer = torch.optim.Adam(scores, lr=config.lr, weight_decay=2 * config.reg_lambda)
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
-                     if config.lr_schedule == "cosine" else None)
         total = sum(s.numel() for s in scores)
         schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
 
@@ -151,11 +139,12 @@ class GemMiner(PruningMethod):
                     "freeze_event": int(epoch in schedule), **self.searched_accuracy(net, test, recalibration)}
 
         setup_seconds = time.perf_counter() - start
-        state = {"net": net, "optimizer": optimizer, **({"scheduler": scheduler} if scheduler else {}),
-                 **stateful_streams(train=train, recalibration=recalibration)}
-        history = fit(distributed.wrap(net), train, optimizer, scheduler, config.epochs, phase="search",
-                      end_of_epoch=end_of_epoch, after_step=clamp_scores, log=log, checkpoint=checkpoint,
-                      state=state, progress=self.progress)
+        # lambda * sum(s^2) enters as weight decay 2 * lambda: the same gradient for SGD and Adam
+        # (both add decay * s to the gradient), without an extra pass over every score per step.
+        history = self.fit_scores(net, scores, train, epochs=config.epochs, optimizer=config.optimizer, lr=config.lr,
+                                  momentum=config.momentum, weight_decay=2 * config.reg_lambda,
+                                  lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch, after_step=clamp_scores,
+                                  log=log, recalibration=recalibration, checkpoint=checkpoint)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         pairs = list(zip(names, score_masks, strict=True))
         alive_masks = {name: m.alive.bool() for name, m in pairs}

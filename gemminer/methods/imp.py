@@ -207,9 +207,9 @@ class IMP(PruningMethod):
                 checkpoint.save(None)  # the round is done: a resume starts the next one
 
         # the rounds' own seconds (a resumed run's too) and this process's set-up
-        return self._result(model, initial, progress, stops, rewind_step, progress["seconds"])
+        return self._result(model, progress, stops, rewind_step, progress["seconds"])
 
-    def _result(self, model: nn.Module, initial: dict[str, Tensor], progress: dict[str, Any], stops: list[float],
+    def _result(self, model: nn.Module, progress: dict[str, Any], stops: list[float],
                 rewind_step: int, seconds: float) -> SearchResult:
         config = self.config
         if config.rewind == "init":
@@ -221,14 +221,15 @@ class IMP(PruningMethod):
         extra = {"rewind": config.rewind, "start_point": start_point, "start_step": start_step,
                  "rounds": len(stops), "search_epochs": config.epochs, "init_hash": init_hash(model)}
 
+        parameters = {name for name, _ in model.named_parameters()}  # init_hash covers parameters only
+
         def ticket_of(masks: dict[str, Tensor], density: float, start: dict[str, Tensor] | None) -> Any:
             ticket = self.make_ticket(model, masks, **extra)
             ticket.metadata["density_target"] = density
             if config.rewind == "lr" and start is None:  # a stop that was not asked for: its weights were not kept
                 ticket.metadata["start_point"] = "trained (not kept: list the density in keep_densities)"
             if start is not None:  # the weights its training starts from: a fingerprint that eval checks
-                ticket.metadata["start_hash"] = state_hash({k: v for k, v in start.items() if k in initial
-                                                            and _is_parameter(model, k)})
+                ticket.metadata["start_hash"] = state_hash({k: v for k, v in start.items() if k in parameters})
             return ticket
 
         tickets, starts = {}, {}
@@ -245,10 +246,6 @@ class IMP(PruningMethod):
                             start_point=start_point,
                             tickets=tickets, start_states=starts,
                             tables={"rounds.csv": list(progress["rounds"])})
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    return name in dict(model.named_parameters())
 
 
 def _whole(epochs: float) -> float | int:
