@@ -249,11 +249,20 @@ class _ProcessRunner:
 
     def close(self) -> None:
         self.stop.__exit__()
-        if self.stop.signal_name is not None:  # the workers checkpoint their runs and stop
-            for process in list(getattr(self.pool, "_processes", {}).values()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGTERM)
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.stop.signal_name is None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        # stopped: each worker checkpoints its run and exits (an idle one just exits); the pool itself is not
+        # waited on, since a worker ended by a signal can leave its bookkeeping waiting forever
+        processes = list(getattr(self.pool, "_processes", {}).values())
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(timeout=60)  # a run stops after its current step
+            if process.is_alive():
+                process.kill()
 
 
 class _RayRunner:
