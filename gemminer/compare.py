@@ -28,7 +28,7 @@ from typing import Any
 
 from gemminer import __version__
 from gemminer.checkpoint import StopFlag, StopRequested
-from gemminer.config import load_yaml, resolve, to_dict
+from gemminer.config import load_yaml, resolve, result_config, to_dict
 from gemminer.errors import GemminerError
 from gemminer.grid import Grid, Variant
 from gemminer.runs import RunFolder, write_atomic
@@ -48,6 +48,8 @@ class Task:
     kind: str  # mine | stop | sanity
     args: dict[str, Any]
     needs: list[str] = field(default_factory=list)
+    first: bool = False  # a long task (an IMP run): started before the others that are ready, so
+    # parallel workers do not end on one long run while the rest idle
 
 
 def _run(overrides: dict[str, Any], out: Path, force: bool, progress: bool) -> dict[str, Any]:
@@ -126,7 +128,7 @@ def plan(grid: Grid, out: Path) -> tuple[list[Cell], list[Task]]:
                 else:
                     cells.append(Cell(variant, density, seed, folder))
                     tasks.append(Task(str(folder), "mine", {"overrides": grid.cell_overrides(variant, density, seed),
-                                                            "out": str(folder)}))
+                                                            "out": str(folder)}, first=variant.method == "imp"))
                 if variant.sanity:
                     tasks.append(Task(f"{folder}#sanity", "sanity", {"run": str(folder), "checks": variant.sanity},
                                       needs=[str(folder)]))
@@ -156,7 +158,7 @@ def execute(tasks: list[Task], jobs: int = 1, ray_address: str | None = None, fo
     total = len(tasks)
     try:
         while pending or running:
-            for key, task in list(pending.items()):
+            for key, task in sorted(pending.items(), key=lambda item: not item[1].first):  # stable
                 if any(need in failed for need in task.needs):
                     failed[key] = f"not run: {', '.join(n for n in task.needs if n in failed)} failed"
                     del pending[key]
@@ -378,7 +380,8 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
         return None
     summary = folder.summary()
     ticket = Ticket.load(folder.file("ticket.safetensors"))
-    config_text = folder.file("config.yaml").read_text()
+    # the hash of what decides the numbers: cells that differ in eval cadence or batch hash alike
+    config_text = json.dumps(result_config(resolve(load_yaml(str(folder.file("config.yaml"))))), sort_keys=True)
     row: dict[str, Any] = {
         "variant": cell.name, "method": cell.variant.method if cell.variant else "dense", "density": cell.density,
         "density_actual": ticket.density, "seed": cell.seed,

@@ -27,7 +27,8 @@ class DataConfig:
         "help": "data folder (default: ~/.cache/gemminer/data; for mnist1d its cache, ~/.cache/gemminer)"})
     num_samples: int = field(default=5000, metadata={"help": "MNIST-1D samples, train+test (5000 = canonical)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
-    eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    eval_batch_size: int | None = field(default=None, metadata={
+        "help": "evaluation batch size (default auto: 256 on CPU, 1000 on CUDA; benchmarks/eval_batch.py)"})
     download: bool = field(default=False, metadata={"help": "fetch a missing data set's official files"})
     limit: int | None = field(default=None, metadata={"help": "train on this many training samples (a fixed subset)"})
     val_size: int = field(default=0, metadata={"help": "hold out this many training samples as a validation split"})
@@ -74,6 +75,9 @@ class RunConfig:
     bn_recalibration_batches: int = field(
         default=20, metadata={"help": "training batches to recompute BatchNorm statistics before an at-init "
                                       "accuracy (0: off)"})
+    eval_every: int = field(
+        default=1, metadata={"help": "epochs between test accuracies in the search and fine-tuning (the last epoch "
+                                     "is always measured)"})
     checkpoint_every: int = field(
         default=1, metadata={"help": "epochs between checkpoints (0: only at freezing events and on SIGINT/SIGTERM)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log metrics to TensorBoard (needs tensorboard)"})
@@ -112,6 +116,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 SECTIONS = ("data", "model", "search", "finetune")
 
+# Keys that change how a run is observed or saved, never what it computes: a resume or a
+# `compare` cell under other values of these is the same run (and old runs do not turn stale).
+RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size"})
+
+
+def result_config(config: RunConfig) -> dict[str, Any]:
+    """The flattened config without the `RESULT_NEUTRAL` keys: what decides a run's numbers."""
+    return {key: value for key, value in flatten(to_dict(config)).items() if key not in RESULT_NEUTRAL}
+
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain nested dict (YAML-ready) of a config dataclass."""
@@ -127,7 +140,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
             return None
         return coerce(value, options[0], key)
     if origin is list:
@@ -268,6 +281,8 @@ def validate(config: RunConfig) -> None:
     if config.model.weight_init not in WEIGHT_INITS:
         raise GemminerError(f"unknown model.weight_init {config.model.weight_init!r}; "
                             f"allowed: {', '.join(WEIGHT_INITS)}")
+    if config.eval_every < 1:
+        raise GemminerError(f"eval_every must be >= 1, got {config.eval_every}")
     if config.checkpoint_every < 0:
         raise GemminerError("checkpoint_every must be >= 0")
     if config.bn_recalibration_batches < 0:
@@ -277,7 +292,7 @@ def validate(config: RunConfig) -> None:
                             "allowed: multistep, cosine")
     if config.finetune.epochs is not None and config.finetune.epochs < 0:
         raise GemminerError("finetune.epochs must be >= 0")
-    if config.data.batch_size < 1 or config.data.eval_batch_size < 1:
+    if config.data.batch_size < 1 or (config.data.eval_batch_size is not None and config.data.eval_batch_size < 1):
         raise GemminerError("batch sizes must be >= 1")
     if config.data.eval_split not in ("test", "val"):
         raise GemminerError(f"unknown data.eval_split {config.data.eval_split!r}; allowed: test, val")

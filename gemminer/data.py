@@ -17,6 +17,11 @@ from torch import Tensor
 
 from gemminer.errors import GemminerError
 
+# data.eval_batch_size "auto" per device type. CPU: a ResNet-20 pass over CIFAR-10's test split
+# takes 14.0 s at 256 and 16.6 s at 1000 on 2 cores (benchmarks/eval_batch.py, BENCHMARKS.md);
+# CUDA: large batches keep the GPU busy (to be confirmed by benchmarks/gpu_check.sh).
+AUTO_EVAL_BATCH = {"cpu": 256, "cuda": 1000}
+
 
 @dataclass
 class TensorData:

@@ -18,7 +18,7 @@ from torch import nn
 from gemminer import __version__, distributed
 from gemminer.checkpoint import Checkpointer, StopFlag
 from gemminer.config import RunConfig, load_yaml, merge, resolve, to_dict
-from gemminer.data import Batches, Dataset, load_dataset
+from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
 from gemminer.init import init_hash, initialize_weights
@@ -54,7 +54,7 @@ class Setup:
     def test(self) -> Batches:
         """The evaluation split (test, or val with data.eval_split val), normalized, not augmented."""
         split = self.dataset.val if self.config.data.eval_split == "val" else self.dataset.test
-        return Batches(split, self.config.data.eval_batch_size,
+        return Batches(split, self.config.data.eval_batch_size or AUTO_EVAL_BATCH.get(self.device.type, 256),
                        transform=self.dataset.transform(train=False, channels_last=self.channels_last))
 
     @property
@@ -202,7 +202,7 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
             config.density, config.search, seed=config.seed, device=run.device,
             prune_first=config.model.prune_first, prune_last=config.model.prune_last,
             progress=progress and distributed.is_main(), bn_recalibration_batches=config.bn_recalibration_batches,
-            training=config.finetune)
+            training=config.finetune, eval_every=config.eval_every)
         result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
                                recalibration=run.batches("bn-recalibration"), checkpoint=checkpoint)
         write_search_files(config, folder, result)
@@ -231,7 +231,7 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         # only weights at initialization make an "at init" accuracy; IMP's rewound or trained ones do not
         "acc_before_finetune_weights": start_point, "acc_before_finetune_at_init": start_point == "init",
         "acc_after_finetune": history[-1]["test_acc"] if history else acc_ticket,
-        "acc_best_finetune": max((row["test_acc"] for row in history), default=acc_ticket),
+        "acc_best_finetune": max((row["test_acc"] for row in history if "test_acc" in row), default=acc_ticket),
         "epochs_to_ticket": pipeline["search"]["epochs"], "finetune_epochs": len(history),
         "search_seconds": pipeline["search"]["seconds"], "finetune_seconds": finetune_seconds,
         "weight_init": config.model.weight_init, "recipe": method_cls.recipe,
@@ -297,7 +297,7 @@ def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool,
     ticket.apply(model)
     history = finetune(model, run.batches("finetune-order"), run.test, epochs=run.config.finetune.epochs,
                        config=run.config.finetune, log=folder.log, progress=progress and distributed.is_main(),
-                       checkpoint=checkpoint, start_step=start_step)
+                       checkpoint=checkpoint, start_step=start_step, eval_every=run.config.eval_every)
     folder.write_state(remove_masks(model).state_dict(), "finetuned.safetensors")
     return history, history[-1]["seconds"] if history else 0.0
 

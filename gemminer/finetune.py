@@ -27,15 +27,16 @@ def paper_milestones(epochs: int) -> list[int]:
 def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None, epochs: int = 30,
              config: FinetuneConfig | None = None, log: MetricsLog | None = None, progress: bool = False,
              phase: str = "finetune", checkpoint: Checkpointer | None = None, start_step: int = 0,
-             after_step: Callable[[], None] | None = None, extra_state: dict[str, Any] | None = None
-             ) -> list[dict[str, Any]]:
+             after_step: Callable[[], None] | None = None, extra_state: dict[str, Any] | None = None,
+             eval_every: int = 1) -> list[dict[str, Any]]:
     """Train every parameter of `model` (masked through parametrize, or dense) with SGD.
 
     Masked weights stay exactly zero: the mask multiplies the trained original weight.
     Returns the per-epoch rows (also sent to `log`). `start_step` > 0 joins the schedule
     at that optimizer step (IMP after rewinding to iteration k): the learning-rate
     schedule stands where it stood then, and only the rest of the epochs train.
-    `after_step` runs after each step; `extra_state` is checkpointed with the loop.
+    `after_step` runs after each step; `extra_state` is checkpointed with the loop. The test
+    accuracy is measured every `eval_every` epochs and after the last.
     """
     config = config or FinetuneConfig()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
@@ -63,11 +64,11 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
                 raise GemminerError("starting mid-epoch needs gemminer Batches (a DataLoader cannot skip batches)")
             train.load_state_dict({"position": skip})  # the first pass starts at batch `skip`
 
-    def end_of_epoch(epoch: int) -> dict[str, Any]:
+    def evaluation() -> dict[str, Any]:
         return {"test_acc": evaluate(model, test).accuracy} if test is not None else {}
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **stateful_streams(train=train),
              **(extra_state or {})}
-    return fit(distributed.wrap(model), train, optimizer, scheduler, epochs, phase=phase, end_of_epoch=end_of_epoch,
-               after_step=after_step, log=log, checkpoint=checkpoint, state=state, progress=progress,
-               first_epoch=first_epoch)
+    return fit(distributed.wrap(model), train, optimizer, scheduler, epochs, phase=phase, evaluation=evaluation,
+               eval_every=eval_every, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
+               progress=progress, first_epoch=first_epoch)

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from gemminer.checkpoint import write_bytes_atomic
-from gemminer.config import RunConfig, dump_yaml, flatten, load_yaml, resolve, to_dict
+from gemminer.config import RunConfig, dump_yaml, load_yaml, resolve, result_config
 from gemminer.errors import GemminerError
 from gemminer.ticket import Ticket, save_state
 
@@ -200,8 +200,8 @@ class RunFolder:
 
     def check_same_config(self, config: RunConfig) -> None:
         """Refuse to resume under another config, naming the keys that differ."""
-        saved = flatten(to_dict(resolve(load_yaml(str(self.file("config.yaml"))))))
-        now = flatten(to_dict(config))
+        saved = result_config(resolve(load_yaml(str(self.file("config.yaml")))))
+        now = result_config(config)
         differing = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
         if differing:
             details = ", ".join(f"{key} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing[:6])

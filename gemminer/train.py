@@ -153,11 +153,13 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
         scheduler: torch.optim.lr_scheduler.LRScheduler | None, epochs: int, *, phase: str,
         end_of_epoch: Callable[[int], dict[str, Any]] | None = None, after_step: Callable[[], None] | None = None,
         log: Callable[[dict[str, Any]], None] | None = None, checkpoint: Checkpointer | None = None,
-        state: dict[str, Any] | None = None, progress: bool = False, first_epoch: int = 0) -> list[dict[str, Any]]:
+        state: dict[str, Any] | None = None, progress: bool = False, first_epoch: int = 0,
+        evaluation: Callable[[], dict[str, Any]] | None = None, eval_every: int = 1) -> list[dict[str, Any]]:
     """The training loop every method and fine-tuning share.
 
     Per epoch: a pass over `batches`, the scheduler step, `end_of_epoch(epoch)` (which
-    may freeze weights and returns extra metric columns), a metrics row to `log`.
+    may freeze weights and returns extra metric columns), `evaluation()` every
+    `eval_every` epochs and always after the last one, a metrics row to `log`.
     With a `checkpoint`, `state` (name -> object with state_dict/load_state_dict) is
     saved every `checkpoint.every_epochs` epochs, at freezing events and on SIGINT or
     SIGTERM (after the current step), and restored when the run stopped inside `phase`.
@@ -199,6 +201,8 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
         row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy}
         if end_of_epoch is not None:
             row.update(end_of_epoch(epoch))
+        if evaluation is not None and evaluation_due(epoch, epochs, eval_every):
+            row.update(evaluation())
         row["seconds"] = elapsed + time.perf_counter() - start
         history.append(row)
         if log is not None:
@@ -209,6 +213,11 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
                 save(epoch + 1, None)
             stop_if_requested(epoch + 1, None)
     return history
+
+
+def evaluation_due(epoch: int, epochs: int, eval_every: int) -> bool:
+    """Whether epoch `epoch` (0-based) of `epochs` is evaluated: every `eval_every`-th and the last."""
+    return (epoch + 1) % max(eval_every, 1) == 0 or epoch + 1 == epochs
 
 
 @torch.no_grad()

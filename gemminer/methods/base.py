@@ -100,7 +100,7 @@ class PruningMethod(ABC):
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
                  bn_recalibration_batches: int = 20, init: str = "keep", training: Any = None,
-                 **options: Any) -> None:
+                 eval_every: int = 1, **options: Any) -> None:
         if not 0 < density <= 1:
             raise GemminerError(f"density must be in (0, 1], got {density}")
         if init not in WEIGHT_INITS:
@@ -113,6 +113,9 @@ class PruningMethod(ABC):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.prune_first, self.prune_last, self.progress = prune_first, prune_last, progress
         self.bn_recalibration_batches = bn_recalibration_batches
+        if eval_every < 1:
+            raise GemminerError(f"eval_every must be >= 1, got {eval_every}")
+        self.eval_every = eval_every  # test accuracy every this many epochs (and after the last)
         self.init = init
         # the recipe the ticket trains with (a FinetuneConfig); methods that train weights
         # themselves (IMP's rounds) train with it too
@@ -169,9 +172,11 @@ class PruningMethod(ABC):
                    optimizer: str, lr: float, momentum: float, weight_decay: float, lr_schedule: str,
                    end_of_epoch: Callable[[int], dict[str, Any]], after_step: Callable[[], None] | None = None,
                    log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
-                   checkpoint: Checkpointer | None = None) -> list[dict[str, Any]]:
+                   checkpoint: Checkpointer | None = None, test: Iterable[Batch] | None = None
+                   ) -> list[dict[str, Any]]:
         """Train `scores` (SGD with momentum, or Adam; cosine or constant lr) through the shared loop,
-        checkpointed and resumable as the "search" phase; returns the per-epoch rows."""
+        checkpointed and resumable as the "search" phase; returns the per-epoch rows. The searched
+        network's accuracy on `test` is measured every `eval_every` epochs (`searched_accuracy`)."""
         if optimizer == "sgd":
             score_optimizer = torch.optim.SGD(scores, lr=lr, momentum=momentum, weight_decay=weight_decay)
         else:
@@ -182,7 +187,8 @@ class PruningMethod(ABC):
                  **stateful_streams(train=train, recalibration=recalibration)}
         return fit(distributed.wrap(net), train, score_optimizer, scheduler, epochs, phase="search",
                    end_of_epoch=end_of_epoch, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
-                   progress=self.progress)
+                   progress=self.progress, evaluation=lambda: self.searched_accuracy(net, test, recalibration),
+                   eval_every=self.eval_every)
 
     def searched_accuracy(self, net: nn.Module, test: Iterable[Batch] | None,
                           recalibration: Iterable[Batch] | None) -> dict[str, float]:

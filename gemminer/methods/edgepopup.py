@@ -105,14 +105,14 @@ class EdgePopup(PruningMethod):
         attach(net, names, lambda name, weight: masks[name])
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
-            return {"density": total / sum(sizes.values()), **self.searched_accuracy(net, test, recalibration)}
+            return {"density": total / sum(sizes.values())}
 
         setup_seconds = time.perf_counter() - start
         history = self.fit_scores(net, [mask.scores for mask in masks.values()], train, epochs=config.epochs,
                                   optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
                                   weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
                                   end_of_epoch=end_of_epoch, log=log, recalibration=recalibration,
-                                  checkpoint=checkpoint)
+                                  checkpoint=checkpoint, test=test)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         ranking = {name: mask.scores.detach().abs().to("cpu") for name, mask in masks.items()}
         # the same selection the forward pass makes (ties by index), decided on rank 0 and broadcast

@@ -136,7 +136,7 @@ class GemMiner(PruningMethod):
                 gem = sum(int(((m.scores > 0.5) & m.alive.bool()).sum()) for m in score_masks)
                 reg = config.reg_lambda * sum(float((s * s).sum()) for s in scores)
             return {"reg_loss": reg, "density": alive / total, "density_gem": gem / total,
-                    "freeze_event": int(epoch in schedule), **self.searched_accuracy(net, test, recalibration)}
+                    "freeze_event": int(epoch in schedule)}
 
         setup_seconds = time.perf_counter() - start
         # lambda * sum(s^2) enters as weight decay 2 * lambda: the same gradient for SGD and Adam
@@ -144,7 +144,7 @@ class GemMiner(PruningMethod):
         history = self.fit_scores(net, scores, train, epochs=config.epochs, optimizer=config.optimizer, lr=config.lr,
                                   momentum=config.momentum, weight_decay=2 * config.reg_lambda,
                                   lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch, after_step=clamp_scores,
-                                  log=log, recalibration=recalibration, checkpoint=checkpoint)
+                                  log=log, recalibration=recalibration, checkpoint=checkpoint, test=test)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         pairs = list(zip(names, score_masks, strict=True))
         alive_masks = {name: m.alive.bool() for name, m in pairs}
