@@ -42,13 +42,13 @@ def test_bn_recalibration_changes_fresh_model_accuracy(tiny, batches):
     assert model[1].num_batches_tracked.item() == 5 and model[1].momentum == 0.1
 
 
-def test_dense_training_beats_chance(tiny, batches):
+def test_dense_training_beats_chance(tiny, device_batches, device):
     from gemminer.config import FinetuneConfig
     from gemminer.finetune import finetune
 
     torch.manual_seed(0)
-    model = build_model("cnn1d", tiny.input_shape, 10, width=16)
-    history = finetune(model, batches, Batches(tiny.test, 100), epochs=8,
+    model = build_model("cnn1d", tiny.input_shape, 10, width=16).to(device)
+    history = finetune(model, device_batches, Batches(tiny.test.to(device), 100), epochs=8,
                        config=FinetuneConfig(lr=0.05, lr_schedule="cosine"))
     assert history[-1]["test_acc"] > 0.3  # chance is 0.1
 

@@ -19,16 +19,21 @@ def net() -> nn.Module:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_exact_density_and_same_ticket_for_the_same_seed(name, tiny):
+def test_exact_density_and_same_ticket_for_the_same_seed(name, tiny, device):
     def find(seed: int):
-        batches = Batches(tiny.train, 64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        return METHODS[name](0.1, seed=seed, init="kaiming_normal", **FAST.get(name, {})).find(net(), batches)
+        batches = Batches(tiny.train.to(device), 64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        method = METHODS[name](0.1, seed=seed, init="kaiming_normal", device=device, **FAST.get(name, {}))
+        return method.find(net(), batches)
 
     first, again = find(0), find(0)
-    assert first.same_masks(again)
     total = first.total
     expected = total if name == "dense" else round(total * 0.1)
-    assert first.remaining == expected
+    assert first.remaining == expected and again.remaining == expected
+    if device.type == "cuda":  # cuDNN's convolution backward sums in a varying order: a near-tie may flip
+        agree = sum(int((first.masks[n].cpu() == again.masks[n].cpu()).sum()) for n in first.masks) / total
+        assert agree >= 0.99
+    else:
+        assert first.same_masks(again)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

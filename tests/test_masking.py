@@ -20,31 +20,32 @@ def test_prunable_names_follow_module_order_and_skip_options():
         prunable_names(nn.Sequential(nn.ReLU()))
 
 
-def test_gradient_reaches_scores_through_rounding():
-    net = small_net()
+def test_gradient_reaches_scores_through_rounding(device):
+    net = small_net().to(device)
     weight = net[4].weight.detach().clone()
     masks = attach(net, ["4.weight"], lambda name, w: ScoreMask(torch.full_like(w, 0.7)))
     net[4].parametrizations.weight.original.requires_grad_(False)
-    x = torch.randn(5, 1, 8)
+    x = torch.randn(5, 1, 8).to(device)
     net(x).sum().backward()
     scores = masks["4.weight"].scores
     assert scores.grad is not None and scores.grad.abs().sum() > 0
+    assert scores.device.type == device.type
     # straight-through: d out / d s = d out / d w_eff * w  (r(s) passes the gradient unchanged)
     features = net[:4](x).detach()
-    expected = weight * torch.ones(5, 3).t().matmul(features)
+    expected = weight * torch.ones(5, 3, device=device).t().matmul(features)
     torch.testing.assert_close(scores.grad, expected)
 
 
-def test_forward_uses_threshold_and_alive():
-    net = nn.Linear(4, 1, bias=False)
+def test_forward_uses_threshold_and_alive(device):
+    net = nn.Linear(4, 1, bias=False).to(device)
     net.weight.data.fill_(1.0)
-    masks = attach(net, ["weight"], lambda name, w: ScoreMask(torch.tensor([[0.2, 0.5, 0.51, 0.9]])))
+    masks = attach(net, ["weight"], lambda name, w: ScoreMask(torch.tensor([[0.2, 0.5, 0.51, 0.9]], device=device)))
     masks["weight"].alive[0, 3] = 0
     assert net.weight.tolist() == [[0.0, 0.0, 1.0, 0.0]]  # 0.5 is not > 0.5; a frozen-out weight is off
 
 
-def test_remove_masks_leaves_exact_zeros():
-    net = small_net()
+def test_remove_masks_leaves_exact_zeros(device):
+    net = small_net().to(device)
     mask = torch.rand_like(net[4].weight) > 0.5
     attach_fixed_masks(net, {"4.weight": mask})
     remove_masks(net)

@@ -70,17 +70,18 @@ def test_non_binary_mask_rejected():
         Ticket({"w": torch.tensor([0.0, 0.5])})
 
 
-def test_pruned_weights_stay_zero_through_finetuning(tiny, batches):
-    net = build_model("cnn1d", tiny.input_shape, 10, width=8)
-    ticket = RandomTicket(0.2).find(net, [])
+def test_pruned_weights_stay_zero_through_finetuning(tiny, device_batches, device):
+    net = build_model("cnn1d", tiny.input_shape, 10, width=8).to(device)
+    ticket = RandomTicket(0.2, device=device).find(net, [])
     initial = {n: p.detach().clone() for n, p in net.named_parameters()}
     ticket.apply(net)
-    finetune(net, batches, epochs=2)
-    for name, mask in ticket.masks.items():
+    finetune(net, device_batches, epochs=2)
+    masks = {name: mask.to(device) for name, mask in ticket.masks.items()}
+    for name, mask in masks.items():
         module = net.get_submodule(name.rsplit(".", 1)[0])
         assert (module.weight[~mask] == 0).all()
     remove_masks(net)
-    for name, mask in ticket.masks.items():
+    for name, mask in masks.items():
         weight = dict(net.named_parameters())[name]
         assert (weight[~mask] == 0).all()
         assert not torch.equal(weight[mask], initial[name][mask])  # the kept weights did train

@@ -1,0 +1,93 @@
+"""benchmarks/gpu_check.sh --dry-run end to end on CPU, so the GPU check is known to work before a GPU
+is at hand (GPU time is scarce: a check that breaks there wastes it); --only reruns the named steps."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+STEPS = ["smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "compile"]
+
+
+def gpu_check(out: Path, work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def load_driver():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gpu-check")
+    return base, gpu_check(base / "out", base / "work")
+
+
+def test_dry_run_runs_every_step_and_reports_each(checked):
+    base, done = checked
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((base / "out" / "gpu_check.json").read_text())
+    assert report["dry_run"] is True and list(report["steps"]) == STEPS
+    for name, entry in report["steps"].items():
+        # compiling is not exercised on CPU (tens of seconds); every other step ran and held
+        assert entry["status"] == ("skipped" if name == "compile" else "ok"), (name, entry.get("error"))
+        assert entry["seconds"] >= 0 and entry["invocation"] == 1
+    steps = {name: entry.get("details", {}) for name, entry in report["steps"].items()}
+    assert steps["setup"]["train"] > 0 and steps["setup"]["classes"] == 10
+    assert "passed" in steps["tests"]["summary"]
+    probe = steps["torchrun"]["probe"]
+    assert probe["backend"] == "gloo" and probe["wrapped"] and all(wrapped["ddp"] for wrapped in probe["wrapped"])
+    assert steps["resume"]["deterministic"]["identical"] and steps["resume"]["deterministic"]["metrics_identical"]
+    speed = steps["speed"]["fp32"]
+    assert speed["search_img_per_s"] > 0 and speed["dense_train_img_per_s"] > 0 and speed["projected_paper_run_s"] > 0
+    # what comes back from a GPU machine: one report, one log
+    assert sorted(path.name for path in (base / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
+
+
+def test_only_reruns_the_named_steps_and_keeps_the_others(checked, tmp_path):
+    base, _ = checked
+    out = tmp_path / "out"
+    shutil.copytree(base / "out", out)
+    before = json.loads((out / "gpu_check.json").read_text())
+    log_before = (out / "gpu_check.log").read_text()
+    done = gpu_check(out, base / "work", "--only", "compile,smoke")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["invocations"][-1]["steps"] == ["smoke", "compile"]  # in the check's order
+    assert {name for name, entry in report["steps"].items() if entry["invocation"] == 2} == {"smoke", "compile"}
+    assert all(report["steps"][name] == before["steps"][name] for name in STEPS if name not in ("smoke", "compile"))
+    assert report["steps"]["smoke"]["status"] == "ok"
+    new_log = (out / "gpu_check.log").read_text()[len(log_before):]
+    assert "[smoke]" in new_log and "[tests]" not in new_log and "[mine]" not in new_log
+
+    wrong = gpu_check(out, base / "work", "--only", "smoke,bogus")
+    assert wrong.returncode == 2 and "unknown step(s) bogus" in wrong.stderr
+
+
+def test_timing_and_tolerance_rules():
+    driver = load_driver()
+    # cumulative seconds of 6 epochs, evaluated after epochs 3 and 6: training 1 s, evaluation 0.5 s
+    rows = [{"phase": "search", "seconds": str(s)} for s in (3.0, 4.0, 5.5, 6.5, 7.5, 9.0)]
+    timing = driver.phase_timing(rows, "search", eval_every=3)
+    assert timing["train_epoch_s"] == pytest.approx(1.0) and timing["eval_s"] == pytest.approx(0.5)
+    assert timing["first_epoch_s"] == 3.0
+    reference = [{"phase": "search", "epoch": "1", "test_acc": "0.50", "train_loss": "2.00", "seconds": "1"}]
+    close = [{"phase": "search", "epoch": "1", "test_acc": "0.51", "train_loss": "2.05", "seconds": "9"}]
+    far = [{"phase": "search", "epoch": "1", "test_acc": "0.55", "train_loss": "2.00", "seconds": "1"}]
+    assert driver.compare_metrics(reference, close, driver.TOLERANCE) == []
+    assert len(driver.compare_metrics(reference, close, None)) == 2  # the clock column never counts
+    assert "test_acc" in driver.compare_metrics(reference, far, driver.TOLERANCE)[0]
