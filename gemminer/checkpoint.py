@@ -7,6 +7,7 @@ a `torch.save` payload of tensors and plain containers only, read back with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -20,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 
 MAGIC = b"GEMMINER-CHECKPOINT 1 "
+CHECKPOINT_KEYS = frozenset({"pipeline", "rng", "loop", "objects"})  # what Checkpointer.save writes
 
 
 class StopRequested(Exception):
@@ -43,7 +45,8 @@ def write_bytes_atomic(path: Path, payload: bytes, what: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the temporary file may be as unwritable as the target
+            tmp.unlink(missing_ok=True)
         reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
         kept = f"; the previous {what} {path} is intact" if path.exists() else ""
         raise GemminerError(f"cannot write {what} {path}: {reason}{kept}") from err
@@ -73,7 +76,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest() != expected:
         raise GemminerError(f"checkpoint {path} is corrupt or truncated (checksum mismatch); "
                             "delete it to restart the run, or use --force")
-    return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    remedy = "it is not a checkpoint this gemminer wrote; delete it, or pass --force to start the run over"
+    with reading(path, "checkpoint", remedy):  # weights_only refuses foreign pickles: say so in one line
+        state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    if not isinstance(state, dict):
+        raise GemminerError(f"cannot read checkpoint {path}: not the expected structure; {remedy}")
+    return state
+
+
+def load_run_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint (what `Checkpointer.save` writes), refusing any other structure in one line."""
+    state = load_checkpoint(path)
+    if not CHECKPOINT_KEYS <= state.keys() or not isinstance(state["pipeline"], dict):
+        raise GemminerError(f"cannot read checkpoint {path}: not the expected structure; it is not a checkpoint "
+                            "this gemminer wrote; delete it, or pass --force to start the run over")
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -130,7 +147,7 @@ class Checkpointer:
                  is_writer: bool = True, barrier: Callable[[], None] | None = None) -> None:
         self.path, self.every_epochs, self.stop = path, every_epochs, stop
         self.is_writer, self.barrier = is_writer, barrier
-        self.state: dict[str, Any] = load_checkpoint(path) if path.is_file() else {}
+        self.state: dict[str, Any] = load_run_checkpoint(path) if path.is_file() else {}
         self.pipeline: dict[str, Any] = self.state.get("pipeline", {})
 
     def phase_state(self, phase: str) -> dict[str, Any] | None:

@@ -28,10 +28,10 @@ from typing import Any
 
 from gemminer import __version__
 from gemminer.checkpoint import StopFlag, StopRequested
-from gemminer.config import load_yaml, resolve, result_config, to_dict
+from gemminer.config import load_run_config, resolve, result_config, to_dict
 from gemminer.errors import GemminerError
 from gemminer.grid import Grid, Variant
-from gemminer.runs import RunFolder, write_atomic
+from gemminer.runs import RunFolder, output_folder, write_atomic
 from gemminer.sanity import CHECKS
 
 COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
@@ -303,7 +303,7 @@ class _RayRunner:
 def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None = None, force: bool = False,
             progress: bool = True, report: Callable[[str], None] | None = print) -> str:
     """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md."""
-    out = Path(out)
+    out = output_folder(out, "grid output folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -345,7 +345,7 @@ def _macs(folder: Path) -> dict[str, int] | None:
     from gemminer.report import layer_macs
 
     try:
-        config = resolve(load_yaml(str(folder / "config.yaml")))
+        config = load_run_config(folder / "config.yaml")
     except GemminerError:
         return None
     key = json.dumps([to_dict(config.model), config.data.name, config.data.num_samples], sort_keys=True)
@@ -381,7 +381,7 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
     summary = folder.summary()
     ticket = Ticket.load(folder.file("ticket.safetensors"))
     # the hash of what decides the numbers: cells that differ in eval cadence or batch hash alike
-    config_text = json.dumps(result_config(resolve(load_yaml(str(folder.file("config.yaml"))))), sort_keys=True)
+    config_text = json.dumps(result_config(load_run_config(folder.file("config.yaml"))), sort_keys=True)
     row: dict[str, Any] = {
         "variant": cell.name, "method": cell.variant.method if cell.variant else "dense", "density": cell.density,
         "density_actual": ticket.density, "seed": cell.seed,

@@ -12,11 +12,12 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 
 
 @dataclass
@@ -55,7 +56,8 @@ class FinetuneConfig:
     """How the ticket trains. Defaults are the Gem-Miner paper's fine-tuning; methods published
     with standard dense training get the data set's dense recipe instead (`RECIPES`)."""
 
-    epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (default: the search epochs)"})
+    epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (default: the search epochs)",
+                                                       "range": (0, math.inf, False, False)})
     lr: float = field(default=0.01, metadata={"help": "learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
@@ -159,7 +161,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation in (int, float):
         try:
             number = annotation(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             kind = "an integer" if annotation is int else "a number"
             raise GemminerError(f"{key} must be {kind}, got {value!r}") from None
         if annotation is int and isinstance(value, float) and value != number:
@@ -208,16 +210,37 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle) or {}
-    except OSError as err:
-        raise GemminerError(f"cannot read config file {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise GemminerError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    """A YAML mapping from `path`; an empty, binary, non-UTF-8 or non-mapping file is an error
+    (an empty file would otherwise read as "all defaults")."""
+    with reading(path, "config file"):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if "\x00" in text:
+            raise ValueError("a binary file, not YAML")
+        if not text.strip():
+            raise GemminerError(f"config file {path} is empty")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise GemminerError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(loaded, dict):
         raise GemminerError(f"config file {path} must hold a mapping at the top level")
     return loaded
+
+
+# what every config.yaml a run folder gets holds (dump_yaml writes them all); a file without them
+# was not written by gemminer, and its missing keys must not silently become defaults
+RUN_CONFIG_KEYS = ("method", "density", "seed", "data", "model", "search", "finetune")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The resolved config of a run folder's config.yaml, refusing one that is not complete."""
+    loaded = load_yaml(str(path))
+    missing = [key for key in RUN_CONFIG_KEYS if key not in loaded]
+    if missing:
+        raise GemminerError(f"{path} is not a complete run config (no {', '.join(missing)}); it was not written "
+                            "by gemminer: start the run over with --force")
+    return resolve(loaded)
 
 
 def resolve(overrides: dict[str, Any]) -> RunConfig:
@@ -267,8 +290,47 @@ def _default_finetune_epochs(config: RunConfig) -> int:
     return reference.search.epochs
 
 
+# Ranges of numeric options by field name, for every config dataclass (a method's included):
+# (lowest, highest, lowest excluded, highest excluded). A field can declare its own in its metadata
+# ("range": ...); any other number must be finite and >= 0. So an option added later is checked too.
+NAMED_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "lr": (0, math.inf, True, False), "momentum": (0, 1, False, True), "density": (0, 1, True, False),
+    "prune_fraction": (0, 1, True, True), "temperature": (0, math.inf, True, False),
+    "epochs": (1, math.inf, False, False), "batch_size": (1, math.inf, False, False),
+    "eval_batch_size": (1, math.inf, False, False), "eval_every": (1, math.inf, False, False),
+    "num_samples": (10, math.inf, False, False), "limit": (1, math.inf, False, False),
+    "width": (1, math.inf, False, False), "batches": (1, math.inf, False, False),
+    "iterations": (1, math.inf, False, False), "samples_per_class": (1, math.inf, False, False),
+}
+NON_NEGATIVE = (0, math.inf, False, False)
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Every number (and every number in a list) of a config dataclass, nested sections included, is
+    finite and inside its range: one line naming the key, the value and the range otherwise."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        key = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        values = value if isinstance(value, list) else [value]
+        for number in values:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            low, high, open_low, open_high = item.metadata.get("range", NAMED_RANGES.get(item.name, NON_NEGATIVE))
+            inside = math.isfinite(number) and (number > low if open_low else number >= low) and (
+                number < high if open_high else number <= high)
+            if not inside:
+                opening, closing = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
+                interval = f"{opening}{low:g}, {high:g}{closing}"
+                kind = "an integer" if isinstance(number, int) else "a finite number"
+                raise GemminerError(f"{key} must be {kind} in {interval}, got {number!r}")
+
+
 def validate(config: RunConfig) -> None:
     """Reject values no run can use, with the allowed values in the message."""
+    check_ranges(config)
     if not 0 < config.density <= 1:
         raise GemminerError(f"density must be in (0, 1], got {config.density}")
     if config.model.width is not None and config.model.width < 1:

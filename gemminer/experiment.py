@@ -17,7 +17,7 @@ from torch import nn
 
 from gemminer import __version__, distributed
 from gemminer.checkpoint import Checkpointer, StopFlag
-from gemminer.config import RunConfig, load_yaml, merge, resolve, to_dict
+from gemminer.config import RunConfig, load_run_config, merge, resolve, to_dict
 from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
@@ -25,7 +25,7 @@ from gemminer.init import init_hash, initialize_weights
 from gemminer.masking import prunable_names, remove_masks
 from gemminer.methods import METHODS, method_class
 from gemminer.models import build_model
-from gemminer.runs import RunFolder
+from gemminer.runs import RunFolder, output_folder
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket, read_safetensors
 from gemminer.train import Diverged, enable_autocast, masked_accuracy, resolve_device
@@ -143,7 +143,7 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
     unfinished one when its config matches; catch SIGINT/SIGTERM; drop the checkpoint
     when the body finishes. `initial_files` writes what a fresh run starts with. The folder
     is locked against a second writer for the whole session (`RunFolder.lock`)."""
-    folder = RunFolder(out, writer=distributed.is_main())
+    folder = RunFolder(output_folder(out), writer=distributed.is_main())
     with folder.lock():  # rank 0 alone, before the folder is read for resuming, written or deleted
         if folder.finished and not force:
             raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
@@ -318,10 +318,11 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Ticket, Ticket, dict[str, 
     folder = RunFolder(run_dir)
     if not folder.file("config.yaml").is_file():
         raise GemminerError(f"{run_dir} is not a run folder (no config.yaml)")
-    config = resolve(load_yaml(str(folder.file("config.yaml"))))
+    config = load_run_config(folder.file("config.yaml"))
     ticket = Ticket.load(folder.file("ticket.safetensors"))
     gem = Ticket.load(folder.file("gem.safetensors")) if folder.file("gem.safetensors").is_file() else ticket
     init, _ = read_safetensors(folder.file("init.safetensors"), what="initial weights")
+    ticket.check_state(init, f"initial weights file {folder.file('init.safetensors')}")
     return config, ticket, gem, init
 
 

@@ -216,6 +216,8 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
     files = {"finetuned": ("finetuned.safetensors", "fine-tuned weights"),
              "start": ("start.safetensors", "start weights")}
     state = init if weights == "init" else read_safetensors(folder.file(files[weights][0]), what=files[weights][1])[0]
+    if weights != "init":
+        ticket.check_state(state, f"{files[weights][1]} file {folder.file(files[weights][0])}")
     dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)  # for the input shape
     config.model.name = config.model.name or default_model(dataset.name)
     metadata = {"model_spec": model_spec(config, dataset.input_shape, dataset.num_classes), "weights": weights,

@@ -11,7 +11,7 @@ from torch import nn
 
 from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
-from gemminer.config import FinetuneConfig
+from gemminer.config import FinetuneConfig, check_ranges
 from gemminer.errors import GemminerError
 from gemminer.methods.base import MetricsLog
 from gemminer.train import Batch, evaluate, fit, stateful_streams
@@ -39,6 +39,9 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
     accuracy is measured every `eval_every` epochs and after the last.
     """
     config = config or FinetuneConfig()
+    check_ranges(config, "finetune.")
+    if epochs < 0:
+        raise GemminerError(f"finetune epochs must be >= 0, got {epochs}")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
     if config.lr_schedule == "cosine":

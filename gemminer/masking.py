@@ -20,12 +20,17 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 
 
 def prunable_names(model: nn.Module, prune_first: bool = True, prune_last: bool = True) -> list[str]:
-    """Names (``"layer.weight"``) of the prunable weights, in `named_modules()` order."""
-    names = [
-        f"{module_name}.weight" if module_name else "weight"
-        for module_name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_TYPES)
-    ]
+    """Names (``"layer.weight"``) of the prunable weights, in `named_modules()` order. A weight tied
+    to others (one Parameter in several layers) is named once, by its first layer: it gets one mask
+    and counts once."""
+    names, seen = [], set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            weight = original_weight(module)
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            names.append(f"{module_name}.weight" if module_name else "weight")
     if names and not prune_last:
         names = names[:-1]
     if names and not prune_first:
@@ -47,7 +52,13 @@ def owner(model: nn.Module, weight_name: str) -> nn.Module:
 def original_weight(module: nn.Module) -> Tensor:
     """The unmasked weight tensor of a module, parametrized or not."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
+        chain = module.parametrizations.weight
+        foreign = [type(p).__name__ for p in chain if not isinstance(p, MASK_TYPES)]
+        if foreign or not hasattr(chain, "original"):
+            raise GemminerError(f"a {type(module).__name__} weight is already parametrized ({', '.join(foreign)}): "
+                                "gemminer masks plain weights; fold it in first with torch.nn.utils.parametrize."
+                                "remove_parametrizations(layer, 'weight', leave_parametrized=True)")
+        return chain.original
     return module.weight
 
 
@@ -193,19 +204,38 @@ class TopKScoreMask(nn.Module):
 def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.Module]) -> dict[str, nn.Module]:
     """Register ``make(name, weight)`` as the parametrization of each named weight."""
     attached = {}
+    users = _parameter_users(model)
     for name in names:
         module = owner(model, name)
         if parametrize.is_parametrized(module, "weight"):
+            original_weight(module)  # a parametrization of the user's own is refused with its name
             raise GemminerError(f"{name} already carries a mask; remove it first")
-        parametrization = make(name, module.weight.detach())
-        parametrize.register_parametrization(module, "weight", parametrization)
+        weight = module.weight
+        parametrization = make(name, weight.detach())
+        # every layer that uses this Parameter (tied weights, an embedding tied to a decoder) gets the
+        # same mask, so the tied layers keep one and the same weight
+        for user, attribute in users.get(id(weight), [(module, "weight")]):
+            parametrize.register_parametrization(user, attribute, parametrization)
         attached[name] = parametrization
     return attached
+
+
+def _parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(Parameter) -> every (module, attribute) holding it directly, shared modules counted once."""
+    users: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attribute, parameter in module._parameters.items():
+            if parameter is not None:
+                users.setdefault(id(parameter), []).append((module, attribute))
+    return users
 
 
 def attach_fixed_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """Mask `model` in place with fixed 0/1 masks (one per weight name)."""
     attach(model, list(masks), lambda name, weight: FixedMask(masks[name].to(weight.device), weight.dtype))
+
+
+MASK_TYPES = (FixedMask, ScoreMask, TopKScoreMask)
 
 
 def remove_masks(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from gemminer.checkpoint import write_bytes_atomic
-from gemminer.config import RunConfig, dump_yaml, load_yaml, resolve, result_config
+from gemminer.config import RunConfig, dump_yaml, load_run_config, result_config
 from gemminer.errors import GemminerError
 from gemminer.ticket import Ticket, save_state
 
@@ -29,6 +29,21 @@ except ImportError:  # Windows: no lock, no error
 
 METRIC_COLUMNS = ["phase", "epoch", "lr", "train_loss", "reg_loss", "train_acc", "test_acc", "density",
                   "density_gem", "freeze_event", "seconds"]
+
+
+def output_folder(out: str | os.PathLike | None, what: str = "run folder") -> Path:
+    """`out` as a folder to write into, refusing degenerate paths: empty, the current folder, the
+    home folder or the filesystem root (a run would be spread over a folder that holds other things)."""
+    if out is None or not str(out).strip():
+        raise GemminerError(f"the {what} path is empty; name a folder, e.g. --out runs/my-run")
+    path = Path(out)
+    resolved = path.expanduser().resolve()
+    if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)):
+        raise GemminerError(f"refusing to write a {what} into {resolved} itself; name a folder of its own, "
+                            "e.g. --out runs/my-run")
+    if path.exists() and not path.is_dir():
+        raise GemminerError(f"the {what} {path} is a file, not a folder")
+    return path
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -200,7 +215,7 @@ class RunFolder:
 
     def check_same_config(self, config: RunConfig) -> None:
         """Refuse to resume under another config, naming the keys that differ."""
-        saved = result_config(resolve(load_yaml(str(self.file("config.yaml")))))
+        saved = result_config(load_run_config(self.file("config.yaml")))
         now = result_config(config)
         differing = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
         if differing:

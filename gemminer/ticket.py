@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from gemminer.checkpoint import write_bytes_atomic
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 from gemminer.init import init_hash
-from gemminer.masking import attach_fixed_masks, original_weight, owner
+from gemminer.masking import attach_fixed_masks, original_weight, owner, prunable_names
 
 FORMAT_VERSION = "1"
 
@@ -112,11 +112,12 @@ class Ticket:
     # ---- model ---------------------------------------------------------------------
     def check(self, model: nn.Module, strict_init: bool = False) -> None:
         """Raise if names or shapes do not match `model`; warn (or raise) on another init."""
+        prunable = set(prunable_names(model))
         for name, mask in self.masks.items():
-            try:
-                weight = original_weight(owner(model, name))
-            except (GemminerError, AttributeError) as err:
-                raise GemminerError(f"ticket does not fit the model: it has no weight {name!r}") from err
+            if name not in prunable:  # e.g. a name that lands on a BatchNorm layer of another model
+                raise GemminerError(f"ticket does not fit the model: it has no prunable weight {name!r} (a ticket "
+                                    f"of another model?)")
+            weight = original_weight(owner(model, name))
             if tuple(weight.shape) != tuple(mask.shape):
                 raise GemminerError(
                     f"ticket does not fit the model: {name} has shape {tuple(weight.shape)}, "
@@ -129,6 +130,14 @@ class Ticket:
             if strict_init:
                 raise GemminerError(message)
             warnings.warn(message, InitHashMismatch, stacklevel=2)
+
+    def check_state(self, state: dict[str, Tensor], source: str) -> None:
+        """Raise unless the weights `state` (read from `source`) hold every masked tensor in its shape."""
+        for name, mask in self.masks.items():
+            if name not in state or tuple(state[name].shape) != tuple(mask.shape):
+                found = "missing" if name not in state else f"of shape {tuple(state[name].shape)}"
+                raise GemminerError(f"{source} does not fit the ticket: its {name!r} is {found}, the mask "
+                                    f"{tuple(mask.shape)}; the file is damaged or belongs to another run")
 
     def apply(self, model: nn.Module, strict_init: bool = False) -> nn.Module:
         """Mask `model` in place (parametrize); `gemminer.masking.remove_masks` undoes it."""
@@ -144,7 +153,7 @@ class Ticket:
                   "masks_sha256": masks_digest(self.masks)}
         header.update({key: value if isinstance(value, str) else json.dumps(value)
                        for key, value in self.metadata.items() if key not in header})
-        payload = save({name: mask.contiguous() for name, mask in self.masks.items()}, metadata=header)
+        payload = safetensors_bytes({name: mask.contiguous() for name, mask in self.masks.items()}, header)
         write_bytes_atomic(Path(path), payload, "ticket")
 
     @classmethod
@@ -152,16 +161,17 @@ class Ticket:
         masks, header = read_safetensors(path, what="ticket")
         if header.get("format_version") != FORMAT_VERSION:
             raise GemminerError(f"{path} is not a gemminer ticket (format_version {header.get('format_version')!r})")
-        # these are always strings, even when they look like numbers
-        metadata = decode_header(header, keep_strings=("init_hash", "start_hash", "model", "method", "data",
-                                                       "format_version", "mask", "rewind", "start_point"))
-        expected = metadata.pop("masks_sha256", None)
-        if expected is not None and expected != masks_digest(masks):
-            raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")
-        names = metadata.pop("names", None)
-        if isinstance(names, list) and sorted(names) == sorted(masks):
-            masks = {name: masks[name] for name in names}
-        return cls(masks, metadata)
+        with reading(path, "ticket file", "it is damaged or not a gemminer ticket"):
+            # these are always strings, even when they look like numbers
+            metadata = decode_header(header, keep_strings=("init_hash", "start_hash", "model", "method", "data",
+                                                           "format_version", "mask", "rewind", "start_point"))
+            expected = metadata.pop("masks_sha256", None)
+            if expected is not None and expected != masks_digest(masks):
+                raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")
+            names = metadata.pop("names", None)
+            if isinstance(names, list) and sorted(names) == sorted(masks):
+                masks = {name: masks[name] for name in names}
+            return cls(masks, metadata)
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -169,12 +179,10 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tens
     path = Path(path)
     if not path.is_file():
         raise GemminerError(f"{what} file not found: {path}")
-    try:
+    with reading(path, f"{what} file"):
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise GemminerError(f"cannot read {what} file {path}: {err}") from err
     return tensors, header
 
 
@@ -191,9 +199,21 @@ def decode_header(header: dict[str, str], keep_strings: tuple[str, ...] = ()) ->
 
 def save_state(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as safetensors, atomically."""
-    payload = save({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()},
-                   metadata=metadata)
+    payload = safetensors_bytes({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()},
+                                metadata)
     write_bytes_atomic(Path(path), payload, "file")
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file whose bytes depend only on its contents, so that `sha256sum` identifies
+    equal tickets and weights: the writer keeps the metadata in a map whose order changes per process,
+    so the JSON header is written again with sorted keys (the tensor data and offsets stay as they are)."""
+    payload = save(tensors, metadata=metadata)
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8:8 + length])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    canonical += b" " * (-len(canonical) % 8)  # the data stays 8-byte aligned, as the writer leaves it
+    return len(canonical).to_bytes(8, "little") + canonical + payload[8 + length:]
 
 
 def masks_digest(masks: dict[str, Tensor]) -> str:

@@ -27,7 +27,7 @@ def test_sparsity_gives_the_exact_density():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"data": 5}, "must be a section"),
-    ({"model": {"width": 0}}, "model.width must be >= 1"),
+    ({"model": {"width": 0}}, r"model.width must be an integer in \[1, inf\)"),
     ({"search": {"reg_lambda": float("nan")}}, "finite"),
     ({"finetune": {"lr": float("inf")}}, "finite"),
 ])

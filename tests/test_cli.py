@@ -75,8 +75,8 @@ def test_same_seed_same_ticket_with_and_without_data_cache(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--density", "0"], "density must be in (0, 1]"),
-    (["--density", "1.5"], "density must be in (0, 1]"),
+    (["--density", "0"], "density must be a finite number in (0, 1]"),
+    (["--density", "1.5"], "density must be a finite number in (0, 1]"),
     (["--model", "resnet9000"], "unknown model 'resnet9000'; allowed: cnn1d, conv2"),
     (["--data", "imagenet"], "unknown data set 'imagenet'; allowed: cifar10, cifar100"),
     (["--method", "magic"], "unknown method 'magic'; allowed:"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +74,9 @@ def cached_arrays(name: str, files: list[Path], decode: Callable[[], dict[str, n
     """
     path = default_cache_dir() / "arrays" / f"{name}-{fingerprint(files)}.npz"
     if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                return {key: stored[key] for key in stored.files}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            raise GemminerError(f"cannot read data cache {path}: {err}; delete it to rebuild") from err
+        from gemminer.data import read_npz
+
+        return read_npz(path, "data cache", "delete it to rebuild")
     arrays = decode()
     arrays["mean"], arrays["std"] = channel_stats(arrays["x_train"])
     try:

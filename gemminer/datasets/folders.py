@@ -91,6 +91,9 @@ def load_image_folder(source: Source) -> Dataset:
     if not classes or unknown:
         raise GemminerError(f"{root}: " + (f"{test_dir.name}/ has classes not in train/: {', '.join(unknown[:5])}"
                                            if classes else "train/ has no class folders"))
+    if len(classes) < 2:  # one class trains to 100% on everything and measures nothing
+        raise GemminerError(f"{root}/train has {len(classes)} class folder ({classes[0]}); a classifier needs at "
+                            "least 2")
     train = _class_folder_files(root / "train", classes)
     if not train:
         raise GemminerError(f"{root}/train holds no images ({', '.join(IMAGE_SUFFIXES)})")

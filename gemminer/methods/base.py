@@ -96,6 +96,8 @@ class PruningMethod(ABC):
     recipe: ClassVar[str] = "dense"
     # whether the method ranks weights by a score and keeps the highest (invert sanity check)
     ranked: ClassVar[bool] = False
+    # whether the method learns from the training data (an empty data set is then an error)
+    needs_data: ClassVar[bool] = True
 
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
@@ -108,6 +110,9 @@ class PruningMethod(ABC):
         config = copy.deepcopy(config) if config is not None else self.Config()
         if options:
             config = dataclasses.replace(config, **options)
+        from gemminer.config import check_ranges
+
+        check_ranges(config, "search.")  # every number of every method, before the method's own checks
         config.validate()
         self.density, self.config, self.seed = density, config, seed
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -147,6 +152,8 @@ class PruningMethod(ABC):
         (state that spans several training loops goes in ``checkpoint.pipeline["method_state"]``,
         which the pipeline drops once the search's files are written).
         """
+        if self.needs_data and hasattr(train, "__len__") and len(train) == 0:
+            raise GemminerError(f"{self.name} learns from training data, and the training data is empty")
         if self.init == "keep":
             return self._search(model, train, test, log, recalibration, checkpoint)
         initial = self.initialize(copy.deepcopy(model))

@@ -15,6 +15,7 @@ from gemminer.train import Batch
 
 class Dense(PruningMethod):
     name = "dense"
+    needs_data = False  # data-free: the ticket depends on the weights alone
 
     def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
                 log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,

@@ -31,6 +31,7 @@ class Magnitude(PruningMethod):
     """Global |w| at initialization, one shot; refuses weights whose |w| tie within a layer."""
 
     name = "magnitude"
+    needs_data = False  # data-free: the ticket depends on the weights alone
     ranked = True
 
     def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,

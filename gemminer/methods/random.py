@@ -175,6 +175,7 @@ def random_masks(shapes: dict[str, torch.Size], counts: dict[str, int], generato
 
 class RandomTicket(PruningMethod):
     name = "random"
+    needs_data = False  # data-free: the ticket depends on the weights alone
     Config = RandomConfig
 
     def layer_counts(self, model: nn.Module) -> dict[str, int]:

@@ -92,8 +92,9 @@ class Snip(PruningMethod):
         net.train()  # as the reference implementations score: BatchNorm on batch statistics
         names = self.prunable(net)
         batches = first_batches(train, self.config.batches)
-        if not batches:
-            raise GemminerError("snip needs at least one training batch; the training data is empty")
+        if len(batches) < self.config.batches:
+            raise GemminerError(f"snip sums the gradients of {self.config.batches} training batches; the training "
+                                f"data has {len(batches)}")
         scores = {name: s.to("cpu") for name, s in snip_scores(net, names, batches, self.device).items()}
         masks = keep_top(scores, exact_count({name: s.numel() for name, s in scores.items()}, self.density))
         seconds = time.perf_counter() - start

@@ -99,6 +99,7 @@ class SynFlow(PruningMethod):
     """Data-free iterative synaptic-flow pruning; the data only gives the input shape."""
 
     name = "synflow"
+    needs_data = False  # data-free: the ticket depends on the weights alone
     Config = SynFlowConfig
     ranked = True
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,8 @@ def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise GemminerError(f"a user model is module.path:factory, got {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: a mymod.py beside the user imports from the CLI too
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -1,0 +1,349 @@
+"""Hardening, as classes of cases (issue: every file, flag and model edge case gives one clear
+answer). Each class is a table over the entry points x the kinds of damage: a new entry point or
+a new kind of damage is one more row, and every row must end in one `gemminer: error:` line,
+exit code 2, no traceback, and nothing silently assumed."""
+
+import dataclasses
+import hashlib
+import io
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from gemminer.checkpoint import MAGIC, load_run_checkpoint
+from gemminer.cli import main
+from gemminer.config import FinetuneConfig, RunConfig, load_yaml, resolve
+from gemminer.errors import GemminerError
+from gemminer.experiment import load_run, mine
+from gemminer.methods import METHODS, method_class
+from gemminer.ticket import Ticket, read_safetensors
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data-num-samples", "500", "--model-width", "8", "--epochs", "2", "--search-freeze-period", "1",
+        "--finetune-epochs", "1", "--bn-recalibration-batches", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("hardening") / "run"
+    assert main(["mine", "--out", str(out), "--data-dir", data_dir, "--density", "0.2", *TINY]) == 0
+    return out
+
+
+def one_error_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("gemminer: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---- 1. damaged or odd files -------------------------------------------------------------------
+def _checkpoint_with_body(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+DAMAGE = {
+    "empty": lambda original: b"",
+    "binary": lambda original: bytes(range(256)) * 8,
+    "not-utf8": lambda original: b"method: gem\xff\xfeminer\ndensity: 0.1\n",
+    "truncated": lambda original: original[: len(original) // 2],
+    "foreign": None,  # per file kind, below: valid as a format, not one of ours
+}
+FOREIGN = {
+    "config.yaml": b"- a list\n- not a config\n",
+    "ticket.safetensors": save({"x": torch.ones(3)}),
+    "init.safetensors": save({"x": torch.ones(3)}),
+    "finetuned.safetensors": save({"x": torch.ones(3)}),
+}
+# (file of the run folder, entry points that read it)
+READERS = {
+    "config.yaml": ["eval", "finetune", "report", "export", "sanity"],
+    "ticket.safetensors": ["eval", "finetune", "report", "export", "sanity"],
+    "init.safetensors": ["eval", "finetune", "export-init", "sanity"],
+    "finetuned.safetensors": ["export"],
+}
+
+
+def _command(entry: str, run: Path, tmp: Path) -> list[str]:
+    return {
+        "eval": ["eval", "--run", str(run)],
+        "finetune": ["finetune", "--run", str(run), "--out", str(tmp / "ft"), "--quiet"],
+        "report": ["report", str(run), "--png", str(tmp / "r.png")],
+        "export": ["export", "--run", str(run), "--out", str(tmp / "e.safetensors")],
+        "export-init": ["export", "--run", str(run), "--weights", "init", "--out", str(tmp / "e.safetensors")],
+        "sanity": ["sanity", "--run", str(run), "--checks", "shuffle", "--quiet"],
+    }[entry]
+
+
+CASES = [(name, damage, entry) for name, entries in READERS.items() for damage in DAMAGE for entry in entries]
+
+
+@pytest.mark.parametrize("name, damage, entry", CASES, ids=["-".join(case) for case in CASES])
+def test_a_damaged_run_file_is_one_line_for_every_reader(finished_run, tmp_path, capsys, name, damage, entry):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    original = (run / name).read_bytes()
+    (run / name).write_bytes(FOREIGN[name] if damage == "foreign" else DAMAGE[damage](original))
+    line = one_error_line(capsys, main(_command(entry, run, tmp_path)))
+    assert name.split(".")[0] in line or str(run) in line, line
+    assert not (tmp_path / "ft" / "summary.json").exists()  # nothing ran on a silently assumed default
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "partial"])
+def test_a_damaged_config_file_is_one_line(tmp_path, data_dir, capsys, damage):
+    config = tmp_path / "given.yaml"
+    config.write_bytes({"foreign": FOREIGN["config.yaml"], "partial": b"method: gemminer\n"}.get(damage)
+                       or DAMAGE[damage](b"method: gemminer\ndensity: 0.1\n"))
+    if damage == "partial":  # a valid --config may set some keys; a run folder's must be complete
+        run = tmp_path / "run"
+        run.mkdir()
+        shutil.copy(config, run / "config.yaml")
+        one_error_line(capsys, main(["eval", "--run", str(run)]))
+        return
+    for command in (["mine", "--out", str(tmp_path / "m")], ["compare", "--grid", str(config), "--out",
+                                                             str(tmp_path / "c")]):
+        if command[0] == "mine":
+            command += ["--config", str(config), "--data-dir", data_dir]
+        one_error_line(capsys, main(command))
+    if damage != "truncated":  # half a YAML file may still parse: its unknown or missing keys are what fail
+        with pytest.raises(GemminerError):
+            load_yaml(str(config))
+
+
+@pytest.mark.parametrize("body", ["list", "foreign-pickle", "missing-keys", "empty", "truncated"])
+def test_a_checkpoint_that_is_not_ours_says_so_and_how_to_start_over(finished_run, tmp_path, data_dir, capsys,
+                                                                     body):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()  # an unfinished run: mine resumes from its checkpoint
+    good = _checkpoint_with_body({"pipeline": {}, "rng": {}, "loop": None, "objects": {}})
+    payload = {"list": _checkpoint_with_body([1, 2, 3]),
+               "foreign-pickle": _checkpoint_with_body({"pipeline": {}, "x": collections_counter()}),
+               "missing-keys": _checkpoint_with_body({"pipeline": {}}),
+               "empty": b"",
+               "truncated": good[: len(good) - 5]}[body]
+    (run / "checkpoint.pt").write_bytes(payload)
+    line = one_error_line(capsys, main(["mine", "--out", str(run), "--data-dir", data_dir, "--density", "0.2",
+                                        *TINY]))
+    assert "checkpoint" in line
+    if body in ("list", "foreign-pickle", "missing-keys"):
+        assert "--force" in line
+    with pytest.raises(GemminerError):
+        load_run_checkpoint(run / "checkpoint.pt")
+
+
+def collections_counter():
+    import collections
+
+    return collections.Counter(a=1)  # a pickle weights_only refuses
+
+
+@pytest.mark.parametrize("damage", ["empty", "binary", "truncated"])
+def test_a_damaged_data_cache_is_one_line_and_closes_its_file(tmp_path, data_dir, capsys, damage, recwarn):
+    cache = tmp_path / "mnist1d-500.npz"
+    shutil.copy(Path(data_dir) / "mnist1d-500.npz", cache)
+    cache.write_bytes(DAMAGE[damage](cache.read_bytes()))
+    line = one_error_line(capsys, main(["mine", "--out", str(tmp_path / "m"), "--data-dir", str(tmp_path), *TINY]))
+    assert "data cache" in line and "delete it" in line
+    import gc
+
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+def test_api_readers_raise_the_one_error_type(tmp_path):
+    for damage, make in DAMAGE.items():
+        path = tmp_path / f"{damage}.safetensors"
+        path.write_bytes(make(save({"x": torch.ones(4)})) if make else FOREIGN["ticket.safetensors"])
+        with pytest.raises(GemminerError):
+            Ticket.load(path)
+        if damage != "foreign":
+            with pytest.raises(GemminerError):
+                read_safetensors(path, "weights")
+    with pytest.raises(GemminerError, match="not a run folder"):
+        load_run(tmp_path)
+
+
+# ---- 2. every numeric option validated -----------------------------------------------------------
+def _numeric_fields(config_type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_type)
+            if f.type in ("int", "float", "int | None", "float | None", "list[int] | None")]
+
+
+SECTIONS = {"": RunConfig, "data": RunConfig().data.__class__, "model": RunConfig().model.__class__,
+            "finetune": FinetuneConfig}
+NUMERIC = [(section, name) for section, kind in SECTIONS.items() for name in _numeric_fields(kind)]
+METHOD_NUMERIC = [(method, name) for method in sorted(METHODS) for name in _numeric_fields(method_class(method).Config)]
+
+
+@pytest.mark.parametrize("bad", [-1, math.nan, math.inf])
+@pytest.mark.parametrize("section, name", NUMERIC, ids=[f"{s or 'top'}.{n}" for s, n in NUMERIC])
+def test_every_run_number_is_validated(section, name, bad):
+    if name == "milestones":
+        bad = [bad]
+    overrides = {section: {name: bad}} if section else {name: bad}
+    with pytest.raises(GemminerError, match=name):
+        resolve(overrides)
+
+
+@pytest.mark.parametrize("method, name", METHOD_NUMERIC, ids=[f"{m}.{n}" for m, n in METHOD_NUMERIC])
+def test_every_method_number_is_validated_on_cli_yaml_and_api(method, name, capsys):
+    default = getattr(method_class(method).Config(), name)
+    bad = -1 if isinstance(default, int) else -1.0
+    overrides = {"method": method, "density": 0.5, "search": {name: bad}}
+    with pytest.raises(GemminerError, match=f"search.{name}"):
+        resolve(overrides)
+    with pytest.raises(GemminerError, match=name):
+        method_class(method)(0.5, **{name: bad})
+    if isinstance(default, float):
+        with pytest.raises(GemminerError, match=name):
+            method_class(method)(0.5, **{name: math.nan})
+    flag = f"--search-{name.replace('_', '-')}"
+    one_error_line(capsys, main(["mine", "--method", method, "--density", "0.5", flag, str(bad), "--out", "unused"]))
+
+
+# ---- 3. writes that cannot happen ------------------------------------------------------------------
+def test_unwritable_and_degenerate_output_paths(finished_run, tmp_path, data_dir, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    below = str(blocker / "sub")  # ENOTDIR, for root too
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ["mine", "--out", below, "--data-dir", data_dir, *TINY],
+        ["mine", "--out", "", "--data-dir", data_dir, *TINY],
+        ["mine", "--out", ".", "--data-dir", data_dir, *TINY],
+        ["mine", "--out", str(blocker), "--data-dir", data_dir, *TINY],
+        ["mine", "--out", str(tmp_path / "m"), "--data-dir", below, *TINY],
+        ["finetune", "--run", str(finished_run), "--out", below, "--quiet"],
+        ["finetune", "--run", str(finished_run), "--out", "", "--quiet"],
+        ["export", "--run", str(finished_run), "--out", str(Path(below) / "x.safetensors")],
+        ["compare", "--methods", "random", "--densities", "0.5", "--out", below, "--data-dir", data_dir],
+        ["compare", "--methods", "random", "--densities", "0.5", "--out", "", "--data-dir", data_dir],
+    ]
+    for command in cases:
+        one_error_line(capsys, main(command))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written into the current folder
+    with pytest.raises(GemminerError, match="empty"):
+        mine(resolve(tiny_overrides(data_dir)), "", progress=False)
+
+
+# ---- 4. tickets and weights that identify themselves -------------------------------------------------
+def test_equal_runs_give_byte_identical_files_across_processes(tmp_path, data_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "random"}
+    digests = []
+    for index in range(2):
+        out = tmp_path / f"run{index}"
+        subprocess.run([sys.executable, "-m", "gemminer", "mine", "--out", str(out), "--data-dir", data_dir, *TINY],
+                       check=True, env=env, capture_output=True)
+        subprocess.run([sys.executable, "-m", "gemminer", "export", "--run", str(out), "--out",
+                        str(out / "export.safetensors")], check=True, env=env, capture_output=True)
+        digests.append({name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in
+                        ("ticket.safetensors", "gem.safetensors", "init.safetensors", "finetuned.safetensors",
+                         "export.safetensors")})
+    assert digests[0] == digests[1]
+
+
+# ---- 5. models a user really has ---------------------------------------------------------------------
+class TiedNet(nn.Module):
+    """A weight-tied model: an embedding-like first layer and a decoder share one Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.encoder = nn.Linear(40, 16, bias=False)
+        self.middle = nn.Linear(16, 40, bias=False)
+        self.decoder = nn.Linear(40, 16, bias=False)
+        self.decoder.weight = self.encoder.weight
+        self.head = nn.Linear(16, 10, bias=False)
+
+    def forward(self, x):
+        return self.head(self.decoder(torch.relu(self.middle(torch.relu(self.encoder(self.flatten(x)))))))
+
+
+def test_tied_weights_get_one_mask_counted_once(batches):
+    from gemminer.finetune import finetune
+    from gemminer.methods import Magnitude
+
+    model = TiedNet()
+    ticket = Magnitude(0.3).find(model, batches)
+    assert "decoder.weight" not in ticket.masks and "encoder.weight" in ticket.masks
+    assert ticket.total == sum(p.numel() for p in model.parameters())  # the tied tensor counted once
+    ticket.apply(model)
+    finetune(model, batches, epochs=1)
+    assert torch.equal(model.encoder.weight, model.decoder.weight)
+    assert model.encoder.parametrizations.weight.original is model.decoder.parametrizations.weight.original
+
+
+def test_a_layer_parametrized_by_the_user_is_refused_with_the_real_reason(batches):
+    from gemminer.methods import Magnitude
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
+    torch.nn.utils.parametrizations.weight_norm(model[1])
+    with pytest.raises(GemminerError, match=r"already parametrized .*remove_parametrizations"):
+        Magnitude(0.5).find(model, batches)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_empty_training_data_is_an_error_for_methods_that_learn_from_it(method):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
+    options = {"imp": {"epochs": 1}, "edge-popup": {"epochs": 1}, "gemminer": {"epochs": 1, "freeze_period": 0}}
+    instance = method_class(method)(0.5, **options.get(method, {}))
+    if method_class(method).needs_data:
+        with pytest.raises(GemminerError, match="empty"):
+            instance.find(model, [])
+    elif method != "synflow":  # synflow takes the input shape from one batch: it says so
+        assert instance.find(model, []).density == pytest.approx(1.0 if method == "dense" else 0.5, abs=0.01)
+
+
+def test_a_method_that_asks_for_k_batches_refuses_fewer(batches):
+    from gemminer.methods import Snip
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(GemminerError, match="100 training batches"):
+        Snip(0.5, batches=100).find(model, batches)
+
+
+def test_a_ticket_of_another_model_does_not_fit(tmp_path, data_dir, capsys):
+    mlp = tmp_path / "mlp"
+    assert main(["mine", "--out", str(mlp), "--model", "mlp", "--data-dir", data_dir, *TINY]) == 0
+    line = one_error_line(capsys, main(["finetune", "--ticket", str(mlp / "ticket.safetensors"), "--model", "cnn1d",
+                                        "--out", str(tmp_path / "ft"), "--data-dir", data_dir, "--quiet"]))
+    assert "does not fit" in line
+
+
+def test_a_one_class_image_folder_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "imgs" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / split / "cat" / "a.png")
+    line = one_error_line(capsys, main(["mine", "--out", str(tmp_path / "m"), "--data",
+                                        f"imagefolder:{tmp_path / 'imgs'}", "--quiet"]))
+    assert "at least 2" in line
+
+
+def test_a_user_model_beside_the_user_imports_from_the_console_script(tmp_path, data_dir):
+    (tmp_path / "mymod.py").write_text("from torch import nn\n\ndef factory(num_classes):\n"
+                                       "    return nn.Sequential(nn.Flatten(), nn.Linear(40, num_classes))\n")
+    script = Path(sys.executable).parent / "gemminer"
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from gemminer.cli import "
+                                                                           "main; sys.exit(main())"]
+    result = subprocess.run([*command, "mine", "--out", str(tmp_path / "run"), "--model", "mymod:factory",
+                             "--data-dir", data_dir, "--method", "magnitude", "--data-num-samples", "500",
+                             "--finetune-epochs", "1", "--quiet"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
