@@ -165,6 +165,33 @@ def test_a_damaged_data_cache_is_one_line_and_closes_its_file(tmp_path, data_dir
     assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
 
 
+DATA_FILES = {  # data set -> (the file its loader reads first, relative to --data-dir, how to make the rest)
+    "mnist": "train-images-idx3-ubyte",
+    "cifar10": "cifar-10-batches-py/data_batch_1",
+}
+
+
+@pytest.mark.parametrize("damage", ["empty", "binary", "truncated"])
+@pytest.mark.parametrize("name", sorted(DATA_FILES))
+def test_a_damaged_data_file_is_one_line(tmp_path, capsys, monkeypatch, name, damage):
+    from tests.test_datasets import write_cifar10_python, write_idx
+
+    monkeypatch.setenv("GEMMINER_CACHE", str(tmp_path / "cache"))
+    if name == "mnist":
+        import numpy as np
+
+        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte"):
+            write_idx(tmp_path / stem, np.zeros((4, 28, 28) if "images" in stem else (4,)), compress=True)
+    else:
+        write_cifar10_python(tmp_path)
+    target = tmp_path / DATA_FILES[name]
+    target.write_bytes(DAMAGE[damage](target.read_bytes()))
+    line = one_error_line(capsys, main(["mine", "--out", str(tmp_path / "m"), "--data", name, "--data-dir",
+                                        str(tmp_path), "--quiet"]))
+    assert target.name in line
+
+
 def test_api_readers_raise_the_one_error_type(tmp_path):
     for damage, make in DAMAGE.items():
         path = tmp_path / f"{damage}.safetensors"

@@ -13,7 +13,7 @@ import numpy as np
 from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, first_existing, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def read_python_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
             batch = CifarUnpickler(handle, encoding="bytes").load()
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as err:
+    except Exception as err:  # a damaged pickle fails in open-ended ways; all mean "not a batch"
         raise GemminerError(f"{path} is not a CIFAR python batch: {err}") from None
     if len(images) != len(labels):
         raise GemminerError(f"{path}: {len(images)} images but {len(labels)} labels")
@@ -78,7 +78,8 @@ def read_python_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
 
 def read_binary_batch(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """The binary release: records of `label_bytes` label bytes and 3072 pixel bytes."""
-    raw = np.fromfile(path, dtype=np.uint8)
+    with reading(path, "CIFAR binary batch"):
+        raw = np.fromfile(path, dtype=np.uint8)
     record = label_bytes + 3 * 32 * 32
     if raw.size % record:
         raise GemminerError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR records")

@@ -39,7 +39,7 @@ def decode_images(files: Sequence[Path], size: tuple[int, int] | None = None) ->
                 if size is not None and image.size != (size[1], size[0]):
                     image = image.resize((size[1], size[0]), Image.BILINEAR)
                 return np.asarray(image, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as err:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
             raise GemminerError(f"cannot decode image {path}: {err}") from None
 
     if size is None:

@@ -10,7 +10,7 @@ import numpy as np
 from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -28,10 +28,11 @@ IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (magic 0x0000TTNN: type code TT, NN dimensions, big-endian sizes); gzip by magic bytes."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    with reading(path, "IDX data file", "delete it to fetch or copy it again"):
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
         raise GemminerError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
