@@ -1,60 +1,160 @@
-"""Seconds per epoch: Gem-Miner search versus plain dense training, same model and data.
+"""Seconds per epoch: Gem-Miner search versus plain dense training, same model and data, as a ratio
+with a confidence bound tight enough to tell 1.05 from 1.10.
 
-    python benchmarks/search_speed.py [--model cnn1d] [--epochs 6] [--repeats 3]
+    python benchmarks/search_speed.py [--model cnn1d] [--pairs 30] [--compile] [--profile 3]
 
-Both loops run in this one process on the same batches; the first epoch of each is a
-warm-up and not counted. Evaluation is off in both. Prints one JSON line.
+The search is the real one (`GemMiner.search`); dense training is fine-tuning's pass (`train_epoch`
+with fine-tuning's SGD and schedule) over all weights, unmasked. They take turns one epoch at a time
+in one thread: search, dense, dense, search, search, dense, ... (ABBA, so that neither always runs
+first), so drift in machine load hits both alike. Each pair of turns gives a ratio of seconds
+(search / dense); the first pair, which warms up (and compiles), is dropped. Printed as one JSON
+line: the median ratio, the geometric mean and a one-sided 95% upper bound on it (bootstrap over
+the pairs' log ratios). Evaluation is off in both. (One thread for both, not a thread per loop:
+the OS keeps each thread on its own core, and with another job on one core that alone made two
+identical dense loops differ by 14%.)
+
+`--profile N` runs N epochs of each loop under torch.profiler instead and prints the operators that
+take the most time in each (self CPU time, and CUDA time on a GPU): where the search's extra time
+over dense training goes. Numbers need an idle machine: another job on the cores makes single
+epochs noisy, and the bound wide.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-import itertools
 import json
+import math
 import platform
 import statistics
+import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from gemminer.config import resolve
-from gemminer.experiment import setup
-from gemminer.finetune import finetune
+from gemminer.experiment import Setup, setup
+from gemminer.finetune import finetune, paper_milestones
 from gemminer.methods.gemminer import GemMiner
+from gemminer.train import compiled, train_epoch
 
 
-def per_epoch(history: list[dict]) -> list[float]:
-    seconds = [row["seconds"] for row in history]
-    return [b - a for a, b in itertools.pairwise(seconds)]  # drops the warm-up epoch
+def abba(pairs: int) -> list[str]:
+    """search, dense, dense, search, search, dense, ...: `pairs` pairs of turns."""
+    return [name for k in range(pairs) for name in (("search", "dense") if k % 2 == 0 else ("dense", "search"))]
+
+
+def dense_turns_after_each_search(order: list[str]) -> list[int]:
+    """For each search turn in `order` (which starts with one), the dense turns that follow it."""
+    counts: list[int] = []
+    for name in order:
+        if name == "search":
+            counts.append(0)
+        else:
+            counts[-1] += 1
+    return counts
+
+
+def upper_bound(log_ratios: list[float], level: float = 0.95, draws: int = 20_000) -> float:
+    """One-sided `level` bootstrap bound on the geometric mean ratio (percentile method, fixed seed)."""
+    values = np.asarray(log_ratios)
+    means = np.random.default_rng(0).choice(values, size=(draws, len(values)), replace=True).mean(axis=1)
+    return math.exp(float(np.quantile(means, level)))
+
+
+def interleaved(run: Setup, pairs: int) -> tuple[list[float], list[float]]:
+    """Seconds of each search epoch and each dense epoch, `pairs` + 1 of each, in ABBA turns."""
+    config = run.config
+    epochs = pairs + 1
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    model = copy.deepcopy(run.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.finetune.lr, momentum=config.finetune.momentum,
+                                weight_decay=config.finetune.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, paper_milestones(epochs), gamma=0.1)
+    batches = run.batches("finetune-order")
+    dense_turns = dense_turns_after_each_search(["search", "dense", *abba(pairs)])
+    search_seconds: list[float] = []
+    dense_seconds: list[float] = []
+    with compiled(model, optimizer) if config.compile else contextlib.nullcontext() as step:
+        started = [time.perf_counter()]
+
+        def end_of_search_epoch(row: dict) -> None:
+            sync()
+            search_seconds.append(time.perf_counter() - started[0])
+            for _ in range(dense_turns[len(search_seconds) - 1]):
+                start = time.perf_counter()
+                train_epoch(model, batches, optimizer, step=step)
+                scheduler.step()
+                sync()
+                dense_seconds.append(time.perf_counter() - start)
+            started[0] = time.perf_counter()
+
+        GemMiner(config.density, config.search, device=run.device, compile=config.compile).search(
+            run.model, run.batches("search-order"), log=end_of_search_epoch)
+    return search_seconds, dense_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn1d")
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", default="mnist1d")
+    parser.add_argument("--pairs", type=int, default=30, help="timed (search, dense) pairs of epochs")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="both loops under torch.compile")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N epochs of each loop (torch.profiler) instead of timing pairs")
     args = parser.parse_args()
 
-    config = resolve({"model": {"name": args.model, "width": args.width}, "device": args.device,
-                      "density": 0.02, "search": {"epochs": args.epochs, "freeze_period": 1}})
+    epochs = (args.profile or args.pairs) + 1  # the first is a warm-up
+    config = resolve({"data": {"name": args.data}, "model": {"name": args.model, "width": args.width},
+                      "device": args.device, "density": 0.02, "compile": args.compile,
+                      "search": {"epochs": epochs, "freeze_period": 1}})
     run = setup(config)
-    search_times, dense_times = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        miner = GemMiner(config.density, config.search, device=run.device)
-        search_times += per_epoch(miner.search(run.model, run.batches("search-order")).history)
-        model = copy.deepcopy(run.model)
-        dense_times += per_epoch(finetune(model, run.batches("finetune-order"), epochs=args.epochs,
-                                          config=config.finetune))
-    search, dense = statistics.median(search_times), statistics.median(dense_times)
+    if args.profile:
+        profile({
+            "search": lambda log: GemMiner(config.density, config.search, device=run.device,
+                                           compile=config.compile).search(run.model, run.batches("search-order"),
+                                                                          log=log),
+            "dense": lambda log: finetune(copy.deepcopy(run.model), run.batches("finetune-order"), epochs=epochs,
+                                          config=config.finetune, log=log, compile=config.compile)}, run.device)
+        return
+
+    search, dense = (times[1:] for times in interleaved(run, args.pairs))  # without the warm-up pair
+    log_ratios = [math.log(s / d) for s, d in zip(search, dense, strict=True)]
     print(json.dumps({
         "model": config.model.name, "params": sum(p.numel() for p in run.model.parameters()),
         "device": str(run.device), "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": platform.processor() or platform.machine(), "compile": config.compile,
         "batch_size": config.data.batch_size, "train_samples": len(run.dataset.train),
-        "search_s_per_epoch": round(search, 4), "dense_s_per_epoch": round(dense, 4),
-        "ratio": round(search / dense, 3), "epochs_timed": len(search_times)}))
+        "search_s_per_epoch": round(statistics.median(search), 4),
+        "dense_s_per_epoch": round(statistics.median(dense), 4),
+        "ratio_median": round(statistics.median(math.exp(v) for v in log_ratios), 4),
+        "ratio_geomean": round(math.exp(statistics.fmean(log_ratios)), 4),
+        "ratio_upper95": round(upper_bound(log_ratios), 4), "pairs": len(log_ratios)}))
+
+
+def profile(loops: dict[str, Callable[[Callable[[dict], None]], object]], device: torch.device) -> None:
+    """Each loop (one after the other) under torch.profiler after its warm-up epoch; the top operators of each."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, loop in loops.items():
+        profiler = torch.profiler.profile(activities=activities)
+        seen = []
+
+        def log(row: dict, profiler: torch.profiler.profile = profiler, seen: list = seen) -> None:
+            seen.append(row)
+            if len(seen) == 1:
+                profiler.start()  # after the warm-up epoch
+
+        loop(log)
+        profiler.stop()
+        print(f"== {name}: {len(seen) - 1} epochs after the warm-up")
+        print(profiler.key_averages().table(sort_by=sort, row_limit=25))
 
 
 if __name__ == "__main__":

@@ -139,6 +139,8 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
                       help="seed of the data order (without --init the weights are still drawn from the ticket's seed)")
     tune.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                       help="also log metrics to TensorBoard (needs tensorboard)")
+    tune.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                      help="run training steps and evaluation under torch.compile (CUDA graphs on CUDA)")
     tune.add_argument("--device", default=None, help="auto | cpu | cuda")
 
     compare = commands.add_parser(

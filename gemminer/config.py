@@ -80,6 +80,9 @@ class RunConfig:
     eval_every: int = field(
         default=1, metadata={"help": "epochs between test accuracies in the search and fine-tuning (the last epoch "
                                      "is always measured)"})
+    compile: bool = field(
+        default=False, metadata={"help": "run training steps and evaluation under torch.compile (CUDA graphs on "
+                                         "CUDA); the first epochs pay the compilation"})
     checkpoint_every: int = field(
         default=1, metadata={"help": "epochs between checkpoints (0: only at freezing events and on SIGINT/SIGTERM)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log metrics to TensorBoard (needs tensorboard)"})
@@ -120,7 +123,7 @@ SECTIONS = ("data", "model", "search", "finetune")
 
 # Keys that change how a run is observed or saved, never what it computes: a resume or a
 # `compare` cell under other values of these is the same run (and old runs do not turn stale).
-RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size"})
+RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size", "compile"})
 
 
 def result_config(config: RunConfig) -> dict[str, Any]:

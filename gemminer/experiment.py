@@ -202,7 +202,7 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
             config.density, config.search, seed=config.seed, device=run.device,
             prune_first=config.model.prune_first, prune_last=config.model.prune_last,
             progress=progress and distributed.is_main(), bn_recalibration_batches=config.bn_recalibration_batches,
-            training=config.finetune, eval_every=config.eval_every)
+            training=config.finetune, eval_every=config.eval_every, compile=config.compile)
         result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
                                recalibration=run.batches("bn-recalibration"), checkpoint=checkpoint)
         write_search_files(config, folder, result)
@@ -297,7 +297,8 @@ def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool,
     ticket.apply(model)
     history = finetune(model, run.batches("finetune-order"), run.test, epochs=run.config.finetune.epochs,
                        config=run.config.finetune, log=folder.log, progress=progress and distributed.is_main(),
-                       checkpoint=checkpoint, start_step=start_step, eval_every=run.config.eval_every)
+                       checkpoint=checkpoint, start_step=start_step, eval_every=run.config.eval_every,
+                       compile=run.config.compile)
     folder.write_state(remove_masks(model).state_dict(), "finetuned.safetensors")
     return history, history[-1]["seconds"] if history else 0.0
 

@@ -28,7 +28,7 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
              config: FinetuneConfig | None = None, log: MetricsLog | None = None, progress: bool = False,
              phase: str = "finetune", checkpoint: Checkpointer | None = None, start_step: int = 0,
              after_step: Callable[[], None] | None = None, extra_state: dict[str, Any] | None = None,
-             eval_every: int = 1) -> list[dict[str, Any]]:
+             eval_every: int = 1, compile: bool = False) -> list[dict[str, Any]]:
     """Train every parameter of `model` (masked through parametrize, or dense) with SGD.
 
     Masked weights stay exactly zero: the mask multiplies the trained original weight.
@@ -36,7 +36,8 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
     at that optimizer step (IMP after rewinding to iteration k): the learning-rate
     schedule stands where it stood then, and only the rest of the epochs train.
     `after_step` runs after each step; `extra_state` is checkpointed with the loop. The test
-    accuracy is measured every `eval_every` epochs and after the last.
+    accuracy is measured every `eval_every` epochs and after the last. `compile` runs the
+    training steps and evaluation under torch.compile (`train.compiled`).
     """
     config = config or FinetuneConfig()
     check_ranges(config, "finetune.")
@@ -74,4 +75,4 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
              **(extra_state or {})}
     return fit(distributed.wrap(model), train, optimizer, scheduler, epochs, phase=phase, evaluation=evaluation,
                eval_every=eval_every, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
-               progress=progress, first_epoch=first_epoch)
+               progress=progress, first_epoch=first_epoch, compile=compile)

@@ -157,6 +157,11 @@ class GlobalTopK:
         self._masks: list[Tensor] = []
 
     def mask_of(self, member: TopKScoreMask) -> Tensor:
+        if torch.compiler.is_compiling():  # the ranking is part of the graph (which reads no version counters)
+            flat = torch.cat([m.scores.detach().flatten() for m in self.members])
+            chosen = top_k_mask(flat, self.keep).split([m.scores.numel() for m in self.members])
+            index = next(i for i, m in enumerate(self.members) if m is member)
+            return chosen[index].view(member.scores.shape)
         key = tuple((id(m.scores), m.scores._version, m.scores.data_ptr()) for m in self.members)
         if key != self._key:
             flat = torch.cat([m.scores.detach().flatten() for m in self.members])
@@ -191,6 +196,8 @@ class TopKScoreMask(nn.Module):
         """The current selection (bool), recomputed only when the scores changed."""
         if self.shared is not None:
             return self.shared.mask_of(self)
+        if torch.compiler.is_compiling():  # inside a compiled graph: ranked in the graph, on every call
+            return top_k_mask(self.scores, self.keep)
         key = (id(self.scores), self.scores._version, self.scores.data_ptr())
         if key != self._key or self._mask is None:
             self._mask, self._key = top_k_mask(self.scores, self.keep), key

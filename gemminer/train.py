@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
 import time
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,14 +55,107 @@ def enable_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn
     return model
 
 
-def forward(model: nn.Module, inputs: Tensor) -> Tensor:
-    """model(inputs), under autocast where `enable_autocast` asked for it; logits in fp32."""
+def forward(model: nn.Module, inputs: Tensor, eager: bool = False) -> Tensor:
+    """model(inputs), under autocast where `enable_autocast` asked for it; logits in fp32. Inside
+    `compiled`, the compiled forward of `model` runs instead (unless `eager`)."""
+    run = model if eager else _COMPILED.get(id(model), model)
     dtype = getattr(getattr(model, "module", model), AUTOCAST_ATTRIBUTE, None)  # through a DDP wrapper
     if dtype is None:
-        return model(inputs)
+        return run(inputs)
     with torch.autocast(inputs.device.type, dtype=dtype):
-        logits = model(inputs)
+        logits = run(inputs)
     return logits.float()
+
+
+# torch.compile's mode per device type. CUDA graphs on CUDA, where a small network at batch 128 is
+# bound by kernel launches and Python, not arithmetic; inductor's default elsewhere, and under torchrun
+# (DDP all-reduces gradients from autograd hooks between the graphs).
+COMPILE_MODES = {"cuda": "reduce-overhead"}
+_COMPILED: dict[int, Callable[[Tensor], Tensor]] = {}  # id(module) -> its compiled forward, inside `compiled`
+
+
+def _own_code(function: Callable) -> Callable:
+    """`function` with a code object of its own. Dynamo keeps compiled graphs per code object and stops
+    compiling one after 8 variants (`recompile_limit`): each network compiled here gets its own cache,
+    not one shared with every network compiled before it in this process."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+
+
+def _compile_forward(module: nn.Module, mode: str | None) -> Callable[[Tensor], Tensor]:
+    def call(inputs: Tensor) -> Tensor:
+        return module(inputs)
+
+    # static shapes: a graph per batch shape (the full batch, the last partial one, the evaluation
+    # batches), each compiled once, rather than slower graphs for any size
+    compiled_call = torch.compile(_own_code(call), mode=mode, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled_call
+
+    def graphed(inputs: Tensor) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # a training step or an evaluation batch: a new run
+        return compiled_call(inputs)
+
+    return graphed
+
+
+@contextlib.contextmanager
+def compiled(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
+    """Run `model`'s forward passes (through `forward`: training, evaluation) and `optimizer`'s step
+    under torch.compile inside the block; yields the step to call in place of ``optimizer.step``.
+
+    The learning rates become tensors that a scheduler fills in place: a Python float would be a
+    constant of the compiled step, recompiled at every change. Masks through parametrize are
+    graph inputs (the masked weight is computed inside the graph), so masks changed in place
+    between steps (freezing events) are seen at the next step. BatchNorm recalibration stays
+    eager (`recalibrate_batchnorm`)."""
+    mode = None if distributed.active() else COMPILE_MODES.get(model_device(model).type)
+    _lr_as_tensor(optimizer, True)
+    inner = getattr(model, "module", model)  # DDP's own module too: evaluation calls it directly
+    modules = {id(model): model, id(inner): inner}
+    for key, module in modules.items():
+        _COMPILED[key] = _compile_forward(module, mode)
+    # The optimizer's own step without its wrappers (profiling and hooks, grad mode, the scheduler's
+    # call tracking): their deliberate graph breaks would compile it as frames that every optimizer
+    # in the process shares, and so shares their recompile limit.
+    algorithm = inspect.unwrap(type(optimizer).step)
+
+    def step() -> None:
+        with torch.no_grad():
+            algorithm(optimizer)
+
+    compiled_step = torch.compile(_own_code(step))
+    first = True
+
+    def first_eager_then_compiled() -> None:
+        # the first step creates the optimizer's state (momentum buffers) and lets a scheduler see a
+        # step: eager, so the compiled step has one variant, the steady state
+        nonlocal first
+        if first:
+            first = False
+            optimizer.step()
+        else:
+            compiled_step()
+
+    try:
+        yield first_eager_then_compiled
+    finally:
+        for key in modules:
+            _COMPILED.pop(key, None)
+
+
+def _lr_as_tensor(optimizer: torch.optim.Optimizer, tensor: bool) -> None:
+    """Learning rates as 0-dim float64 tensors on the parameters' device (the values a scheduler
+    computes as Python floats; for a compiled step), or as Python floats (eager; a checkpoint of a
+    compiled run holds tensors)."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if tensor and not isinstance(lr, Tensor):
+            group["lr"] = torch.tensor(lr, dtype=torch.float64, device=group["params"][0].device)
+            if group.get("capturable") is False and group.get("foreach") is None:
+                group["foreach"] = False  # Adam's foreach path takes a tensor lr only when capturable
+        elif not tensor and isinstance(lr, Tensor):
+            group["lr"] = lr.item()
 
 
 @dataclass
@@ -106,12 +202,14 @@ class EpochProgress:
 def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optimizer,
                 after_step: Callable[[], None] | None = None, progress: bool = False,
                 description: str = "", resume: dict[str, Any] | None = None,
-                on_step: Callable[[EpochProgress], None] | None = None) -> EpochStats:
+                on_step: Callable[[EpochProgress], None] | None = None,
+                step: Callable[[], None] | None = None) -> EpochStats:
     """One pass of cross-entropy training.
 
     `after_step` runs after every optimizer step (e.g. clamping); `on_step` after that
     with the running sums (checkpointing on a stop request). `resume` continues a
-    pass whose batch stream was restored to the same position.
+    pass whose batch stream was restored to the same position. `step` replaces
+    ``optimizer.step`` (a compiled one).
     """
     device = model_device(model)
     model.train()
@@ -123,7 +221,10 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if step is None:
+            optimizer.step()
+        else:
+            step()
         if after_step is not None:
             after_step()
         # accumulate on the device: no host sync per step
@@ -154,7 +255,8 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
         end_of_epoch: Callable[[int], dict[str, Any]] | None = None, after_step: Callable[[], None] | None = None,
         log: Callable[[dict[str, Any]], None] | None = None, checkpoint: Checkpointer | None = None,
         state: dict[str, Any] | None = None, progress: bool = False, first_epoch: int = 0,
-        evaluation: Callable[[], dict[str, Any]] | None = None, eval_every: int = 1) -> list[dict[str, Any]]:
+        evaluation: Callable[[], dict[str, Any]] | None = None, eval_every: int = 1,
+        compile: bool = False) -> list[dict[str, Any]]:
     """The training loop every method and fine-tuning share.
 
     Per epoch: a pass over `batches`, the scheduler step, `end_of_epoch(epoch)` (which
@@ -164,12 +266,15 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
     saved every `checkpoint.every_epochs` epochs, at freezing events and on SIGINT or
     SIGTERM (after the current step), and restored when the run stopped inside `phase`.
     `first_epoch` starts the schedule later (IMP's rounds after a rewind to epoch E).
+    With `compile`, the forward passes (training and evaluation) and the optimizer step
+    run under torch.compile (`compiled`).
     """
     history: list[dict[str, Any]] = []
     partial, elapsed = None, 0.0
     saved = checkpoint.phase_state(phase) if checkpoint is not None else None
     if saved is not None:
         checkpoint.restore_objects(state or {})
+        _lr_as_tensor(optimizer, compile)  # the checkpoint may come from a run with the other setting
         first_epoch, partial, history, elapsed = saved["epoch"], saved["partial"], saved["history"], saved["elapsed"]
     start = time.perf_counter()
     device = model_device(model)
@@ -191,27 +296,29 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
             save(epoch, running)
             raise StopRequested(name or "SIGTERM")
 
-    for epoch in range(first_epoch, epochs):
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(model, batches, optimizer, after_step, progress, f"{phase} {epoch + 1}/{epochs}",
-                            resume=partial, on_step=lambda running, epoch=epoch: stop_if_requested(epoch, running))
-        partial = None
-        if scheduler is not None:
-            scheduler.step()
-        row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy}
-        if end_of_epoch is not None:
-            row.update(end_of_epoch(epoch))
-        if evaluation is not None and evaluation_due(epoch, epochs, eval_every):
-            row.update(evaluation())
-        row["seconds"] = elapsed + time.perf_counter() - start
-        history.append(row)
-        if log is not None:
-            log(row)
-        if checkpoint is not None:
-            due = checkpoint.every_epochs > 0 and (epoch + 1) % checkpoint.every_epochs == 0
-            if due or row.get("freeze_event"):
-                save(epoch + 1, None)
-            stop_if_requested(epoch + 1, None)
+    with compiled(model, optimizer) if compile else contextlib.nullcontext() as step:
+        for epoch in range(first_epoch, epochs):
+            lr = float(optimizer.param_groups[0]["lr"])  # a tensor when compiled
+            stats = train_epoch(model, batches, optimizer, after_step, progress, f"{phase} {epoch + 1}/{epochs}",
+                                resume=partial, on_step=lambda running, epoch=epoch: stop_if_requested(epoch, running),
+                                step=step)
+            partial = None
+            if scheduler is not None:
+                scheduler.step()
+            row = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": stats.loss, "train_acc": stats.accuracy}
+            if end_of_epoch is not None:
+                row.update(end_of_epoch(epoch))
+            if evaluation is not None and evaluation_due(epoch, epochs, eval_every):
+                row.update(evaluation())
+            row["seconds"] = elapsed + time.perf_counter() - start
+            history.append(row)
+            if log is not None:
+                log(row)
+            if checkpoint is not None:
+                due = checkpoint.every_epochs > 0 and (epoch + 1) % checkpoint.every_epochs == 0
+                if due or row.get("freeze_event"):
+                    save(epoch + 1, None)
+                stop_if_requested(epoch + 1, None)
     return history
 
 
@@ -255,7 +362,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], num_batche
     stream = iter(batches)
     try:
         for _, (inputs, _) in zip(range(num_batches), stream, strict=False):
-            forward(model, inputs.to(device, non_blocking=True))
+            # eager: momentum None makes BatchNorm read its batch count (.item()), which would split a graph
+            forward(model, inputs.to(device, non_blocking=True), eager=True)
     finally:
         getattr(stream, "close", lambda: None)()  # an abandoned pass is over (resumable Batches rely on it)
     for norm, momentum in zip(norms, momenta, strict=False):

@@ -102,7 +102,7 @@ class PruningMethod(ABC):
     def __init__(self, density: float, config: Any = None, *, seed: int = 0, device: str | torch.device = "auto",
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
                  bn_recalibration_batches: int = 20, init: str = "keep", training: Any = None,
-                 eval_every: int = 1, **options: Any) -> None:
+                 eval_every: int = 1, compile: bool = False, **options: Any) -> None:
         if not 0 < density <= 1:
             raise GemminerError(f"density must be in (0, 1], got {density}")
         if init not in WEIGHT_INITS:
@@ -121,6 +121,7 @@ class PruningMethod(ABC):
         if eval_every < 1:
             raise GemminerError(f"eval_every must be >= 1, got {eval_every}")
         self.eval_every = eval_every  # test accuracy every this many epochs (and after the last)
+        self.compile = compile  # training steps and evaluation under torch.compile (train.compiled)
         self.init = init
         # the recipe the ticket trains with (a FinetuneConfig); methods that train weights
         # themselves (IMP's rounds) train with it too
@@ -195,7 +196,7 @@ class PruningMethod(ABC):
         return fit(distributed.wrap(net), train, score_optimizer, scheduler, epochs, phase="search",
                    end_of_epoch=end_of_epoch, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
                    progress=self.progress, evaluation=lambda: self.searched_accuracy(net, test, recalibration),
-                   eval_every=self.eval_every)
+                   eval_every=self.eval_every, compile=self.compile)
 
     def searched_accuracy(self, net: nn.Module, test: Iterable[Batch] | None,
                           recalibration: Iterable[Batch] | None) -> dict[str, float]:

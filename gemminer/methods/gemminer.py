@@ -125,8 +125,10 @@ class GemMiner(PruningMethod):
 
         @torch.no_grad()
         def clamp_scores() -> None:
-            for s in scores:
-                s.clamp_(0.0, 1.0)
+            # min(max(s, 0), 1) over every score tensor in two calls (on a GPU, two kernel launches
+            # instead of one per layer); the same values as a clamp_(0, 1) per tensor
+            torch._foreach_clamp_min_(scores, 0.0)
+            torch._foreach_clamp_max_(scores, 1.0)
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
             if epoch in schedule:

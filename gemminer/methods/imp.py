@@ -180,7 +180,7 @@ class IMP(PruningMethod):
             rows = finetune(net, train, test, epochs=config.epochs, config=self.training, log=log,
                             progress=self.progress, phase=phase, checkpoint=checkpoint,
                             start_step=start_step, after_step=capture if rewind_step else None,
-                            extra_state={"imp_steps": counter}, eval_every=self.eval_every)
+                            extra_state={"imp_steps": counter}, eval_every=self.eval_every, compile=self.compile)
             trained = plain_state(net)
             magnitudes = {name: trained[name].abs() for name in names}
             keep = round(total * stops[index])
