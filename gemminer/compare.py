@@ -29,9 +29,9 @@ from typing import Any
 from gemminer import __version__
 from gemminer.checkpoint import StopFlag, StopRequested
 from gemminer.config import load_run_config, resolve, result_config, to_dict
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 from gemminer.grid import Grid, Variant
-from gemminer.runs import RunFolder, output_folder, write_atomic
+from gemminer.runs import RunFolder, output_folder, read_json, write_atomic
 from gemminer.sanity import CHECKS
 
 COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
@@ -364,7 +364,7 @@ def _rounds_row(run: Path, remaining: int) -> dict[str, Any] | None:
     path = run / "rounds.csv"
     if not path.is_file():
         return None
-    with open(path) as handle:
+    with reading(path, "IMP rounds table", "start the IMP run over with --force"), open(path) as handle:
         for row in csv.DictReader(handle):
             if int(row["kept"]) == remaining:
                 return row
@@ -408,7 +408,8 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
                                     for layer in ticket.layers() if layer.name in macs)
     sanity_file = folder.file("sanity.json")
     if sanity_file.is_file():
-        for check, result in json.loads(sanity_file.read_text()).get("checks", {}).items():
+        for check, result in read_json(sanity_file, "sanity results", "delete it and run the grid again").get(
+                "checks", {}).items():
             row[f"sanity_{check}"] = result["acc_after_finetune"]
     return row
 

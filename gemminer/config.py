@@ -28,7 +28,7 @@ class DataConfig:
         "help": "data folder (default: ~/.cache/gemminer/data; for mnist1d its cache, ~/.cache/gemminer)"})
     num_samples: int = field(default=5000, metadata={"help": "MNIST-1D samples, train+test (5000 = canonical)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
-    eval_batch_size: int | None = field(default=None, metadata={
+    eval_batch_size: int | None = field(default=None, metadata={"auto": True,
         "help": "evaluation batch size (default auto: 256 on CPU, 1000 on CUDA; benchmarks/eval_batch.py)"})
     download: bool = field(default=False, metadata={"help": "fetch a missing data set's official files"})
     limit: int | None = field(default=None, metadata={"help": "train on this many training samples (a fixed subset)"})
@@ -70,7 +70,8 @@ class FinetuneConfig:
 class RunConfig:
     method: str = field(default="gemminer", metadata={"help": "pruning method"})
     density: float = field(default=0.0144, metadata={"help": "target fraction of prunable weights that remain"})
-    seed: int = field(default=0, metadata={"help": "seed of every random stream"})
+    seed: int = field(default=0, metadata={"help": "seed of every random stream",
+                                           "range": (-math.inf, math.inf, False, False)})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA (paper: off, fp32)"})
     preset: str = field(default="auto", metadata={"help": "auto (the data set's tuned defaults) | paper"})
@@ -126,6 +127,18 @@ SECTIONS = ("data", "model", "search", "finetune")
 RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size", "compile"})
 
 
+def result_tree(config: RunConfig) -> dict[str, Any]:
+    """The nested config dict without the `RESULT_NEUTRAL` keys (for ticket headers)."""
+    tree = to_dict(config)
+    for key in RESULT_NEUTRAL:
+        *sections, name = key.split(".")
+        branch = tree
+        for section in sections:
+            branch = branch.get(section, {})
+        branch.pop(name, None)
+    return tree
+
+
 def result_config(config: RunConfig) -> dict[str, Any]:
     """The flattened config without the `RESULT_NEUTRAL` keys: what decides a run's numbers."""
     return {key: value for key, value in flatten(to_dict(config)).items() if key not in RESULT_NEUTRAL}
@@ -145,7 +158,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return coerce(value, options[0], key)
     if origin is list:
@@ -190,6 +203,8 @@ def _apply(config: Any, overrides: dict[str, Any], prefix: str = "") -> None:
                 raise GemminerError(f"config key {path!r} must be a section (a mapping)")
             _apply(current, value, prefix=f"{path}.")
         else:
+            if isinstance(value, str) and value.lower() == "auto" and valid[key].metadata.get("auto"):
+                value = None  # a field that resolves "auto" itself (per device, say) holds it as None
             setattr(config, key, coerce(value, _field_type(type(config), key), path))
 
 
@@ -215,13 +230,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_yaml(path: str) -> dict[str, Any]:
     """A YAML mapping from `path`; an empty, binary, non-UTF-8 or non-mapping file is an error
     (an empty file would otherwise read as "all defaults")."""
-    with reading(path, "config file"):
+    with reading(path, "config file", "it must be a UTF-8 YAML mapping of config keys"):
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
         if "\x00" in text:
             raise ValueError("a binary file, not YAML")
         if not text.strip():
-            raise GemminerError(f"config file {path} is empty")
+            raise GemminerError(f"config file {path} is empty; write the config keys there as a YAML mapping "
+                                "(README, Commands), or leave --config out")
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -231,19 +247,22 @@ def load_yaml(path: str) -> dict[str, Any]:
     return loaded
 
 
-# what every config.yaml a run folder gets holds (dump_yaml writes them all); a file without them
-# was not written by gemminer, and its missing keys must not silently become defaults
-RUN_CONFIG_KEYS = ("method", "density", "seed", "data", "model", "search", "finetune")
+# A run folder's config.yaml holds every key (dump_yaml writes them all), so a key it lacks was not
+# written by gemminer and must not silently become a default, except the keys added after run folders
+# existed, which older folders lack and which take their defaults (the values those runs had).
+ADDED_LATER = frozenset({"eval_every", "search.freeze", "compile"})
 
 
 def load_run_config(path: str | Path) -> RunConfig:
     """The resolved config of a run folder's config.yaml, refusing one that is not complete."""
     loaded = load_yaml(str(path))
-    missing = [key for key in RUN_CONFIG_KEYS if key not in loaded]
+    config = resolve(loaded)
+    missing = sorted(set(flatten(to_dict(config))) - set(flatten(loaded)) - ADDED_LATER)
     if missing:
-        raise GemminerError(f"{path} is not a complete run config (no {', '.join(missing)}); it was not written "
-                            "by gemminer: start the run over with --force")
-    return resolve(loaded)
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise GemminerError(f"{path} is not a complete run config (no {shown}); it was not written by gemminer "
+                            "or was damaged: start the run over with --force")
+    return config
 
 
 def resolve(overrides: dict[str, Any]) -> RunConfig:
@@ -317,12 +336,20 @@ def check_ranges(config: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{key}.")
             continue
+        if value is not None and not isinstance(value, list):  # the API may hand any object: coerce it
+            declared = _field_type(type(config), item.name)
+            options = [t for t in typing.get_args(declared) if t is not type(None)] or [declared]
+            if options[0] in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                               or (options[0] is int and not isinstance(value, int))):
+                kind = "an integer" if options[0] is int else "a number"
+                raise GemminerError(f"{key} must be {kind}, got {value!r}")
         values = value if isinstance(value, list) else [value]
         for number in values:
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 continue
             low, high, open_low, open_high = item.metadata.get("range", NAMED_RANGES.get(item.name, NON_NEGATIVE))
-            inside = math.isfinite(number) and (number > low if open_low else number >= low) and (
+            finite = isinstance(number, int) or math.isfinite(number)  # a huge int is finite (and no float)
+            inside = finite and (number > low if open_low else number >= low) and (
                 number < high if open_high else number <= high)
             if not inside:
                 opening, closing = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"

@@ -16,12 +16,15 @@ class GemminerError(Exception):
 def reading(path: str | os.PathLike, what: str, remedy: str = "") -> Iterator[None]:
     """Whatever goes wrong while reading and parsing `path` (a damaged, empty, binary, truncated or
     foreign file) becomes one GemminerError line that names the file and the way out: every file the
-    toolkit reads passes through here, so none ends in a traceback or is half-read silently."""
+    toolkit reads passes through here, so none ends in a traceback or is half-read silently.
+    ``GEMMINER_DEBUG=1`` lets the original exception through."""
     try:
         yield
     except GemminerError:
         raise
-    except Exception as err:  # a parser's failure modes are open-ended; all mean "unreadable"
+    except Exception as err:
+        if os.environ.get("GEMMINER_DEBUG"):  # a developer wants the parser's own traceback
+            raise  # a parser's failure modes are open-ended; all mean "unreadable"
         if isinstance(err, OSError) and err.strerror:
             reason = err.strerror
         else:

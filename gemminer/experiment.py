@@ -17,7 +17,7 @@ from torch import nn
 
 from gemminer import __version__, distributed
 from gemminer.checkpoint import Checkpointer, StopFlag
-from gemminer.config import RunConfig, load_run_config, merge, resolve, to_dict
+from gemminer.config import RunConfig, load_run_config, merge, resolve, result_tree, to_dict
 from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
@@ -253,7 +253,9 @@ def write_search_files(config: RunConfig, folder: RunFolder, result: Any) -> Non
     (start.safetensors), the ranking scores (scores.safetensors), a ticket per stop
     (tickets/d<density>.safetensors, with -start files where each has its own start) and
     tables (rounds.csv)."""
-    metadata = {"model": config.model.name, "data": config.data.name, "run_config": json.dumps(to_dict(config))}
+    # the config that decides the ticket, without the result-neutral keys: equal tickets stay byte-identical
+    metadata = {"model": config.model.name, "data": config.data.name,
+                "run_config": json.dumps(result_tree(config), sort_keys=True)}
     for ticket in (result.ticket, result.gem, *result.tickets.values()):
         ticket.metadata.update(metadata)
     folder.write_ticket(result.ticket, "ticket.safetensors")

@@ -43,6 +43,10 @@ def masked_state(state: dict[str, Tensor], ticket: Ticket) -> dict[str, Tensor]:
         if tuple(state[name].shape) != tuple(mask.shape):
             raise GemminerError(f"{name} has shape {tuple(state[name].shape)}, the ticket's mask {tuple(mask.shape)}")
         out[name] = state[name].masked_fill(~mask.to(state[name].device), 0)
+        tied = ticket.metadata.get("tied") or {}
+        for alias in tied.get(name, []) if isinstance(tied, dict) else []:  # the copies of a tied weight
+            if alias in out and tuple(out[alias].shape) == tuple(mask.shape):
+                out[alias] = out[alias].masked_fill(~mask.to(out[alias].device), 0)
     return out
 
 

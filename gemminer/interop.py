@@ -15,7 +15,7 @@ from torch.nn.utils import prune
 
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import owner
+from gemminer.masking import _parameter_users, owner
 from gemminer.ticket import Ticket
 
 
@@ -26,11 +26,13 @@ def to_prune_masks(ticket: Ticket, model: nn.Module, strict_init: bool = False) 
     `torch.nn.utils.prune.remove(module, "weight")` makes the pruning permanent.
     """
     ticket.check(model, strict_init)
+    users = _parameter_users(model)
     for name, mask in ticket.masks.items():
         module = owner(model, name)
         if prune.is_pruned(module) and hasattr(module, "weight_mask"):
             raise GemminerError(f"{name} is already pruned by torch.nn.utils.prune; remove it first")
-        prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+        for user, attribute in users.get(id(module.weight), [(module, "weight")]):  # tied: every use of it
+            prune.custom_from_mask(user, attribute, mask.to(module.weight.device))
     return model
 
 
@@ -38,10 +40,11 @@ def from_prune_masks(model: nn.Module, **metadata: Any) -> Ticket:
     """A ticket from the ``weight_mask`` buffers `torch.nn.utils.prune` left on `model`,
     in `named_modules()` order. `metadata` is added to the ticket's; the init hash is
     that of the unpruned weights (``weight_orig``), so the ticket applies to them."""
-    masks = {}
+    masks, seen = {}, set()
     for module_name, module in model.named_modules():
         mask = getattr(module, "weight_mask", None)
-        if isinstance(mask, torch.Tensor) and hasattr(module, "weight_orig"):
+        if isinstance(mask, torch.Tensor) and hasattr(module, "weight_orig") and id(module.weight_orig) not in seen:
+            seen.add(id(module.weight_orig))  # a tied weight is one mask, named by its first layer
             masks[f"{module_name}.weight" if module_name else "weight"] = mask != 0
     if not masks:
         raise GemminerError("the model carries no torch.nn.utils.prune weight masks (no weight_mask buffer)")

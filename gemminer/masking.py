@@ -8,6 +8,7 @@ Masks are attached as parametrizations, so the user's own layers keep working an
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -22,22 +23,34 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 def prunable_names(model: nn.Module, prune_first: bool = True, prune_last: bool = True) -> list[str]:
     """Names (``"layer.weight"``) of the prunable weights, in `named_modules()` order. A weight tied
     to others (one Parameter in several layers) is named once, by its first layer: it gets one mask
-    and counts once."""
-    names, seen = [], set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
-            weight = original_weight(module)
-            if id(weight) in seen:
-                continue
-            seen.add(id(weight))
-            names.append(f"{module_name}.weight" if module_name else "weight")
-    if names and not prune_last:
-        names = names[:-1]
-    if names and not prune_first:
-        names = names[1:]
-    if not names:
+    and counts once; `prune_first` / `prune_last` off keep the first / last layer's Parameter dense,
+    wherever else it is used."""
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+    if not layers:
         raise GemminerError("the model has no prunable layer (nn.Linear or nn.Conv1d/2d/3d)")
+    kept = layers[(0 if prune_first else 1):(len(layers) if prune_last else len(layers) - 1)]
+    excluded = set()  # the Parameters of layers kept dense: dense wherever they are used (tied)
+    for _, module in (layers[:1] if not prune_first else []) + (layers[-1:] if not prune_last else []):
+        with contextlib.suppress(GemminerError):  # a layer kept dense may carry the user's own hooks
+            excluded.add(id(original_weight(module)))
+    names, seen = [], set(excluded)
+    for module_name, module in kept:
+        weight = _weight_of(module, module_name)  # a layer the user parametrized is refused here, by name
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        names.append(f"{module_name}.weight" if module_name else "weight")
+    if not names:
+        raise GemminerError("the model has no prunable layer left (nn.Linear or nn.Conv1d/2d/3d) once the first "
+                            "and last are kept dense")
     return names
+
+
+def _weight_of(module: nn.Module, module_name: str) -> Tensor:
+    try:
+        return original_weight(module)
+    except GemminerError as err:
+        raise GemminerError(f"layer {module_name or '(root)'}: {err}") from None
 
 
 def owner(model: nn.Module, weight_name: str) -> nn.Module:
@@ -59,6 +72,11 @@ def original_weight(module: nn.Module) -> Tensor:
                                 "gemminer masks plain weights; fold it in first with torch.nn.utils.parametrize."
                                 "remove_parametrizations(layer, 'weight', leave_parametrized=True)")
         return chain.original
+    if "weight" not in module._parameters:  # hook-based weight_norm / spectral_norm, or torch.nn.utils.prune
+        extra = ", ".join(sorted(name for name in module._parameters if name.startswith("weight"))) or "none"
+        raise GemminerError(f"a {type(module).__name__} weight is computed by a hook (its weight parameters: "
+                            f"{extra}): gemminer masks plain weights; remove it first (torch.nn.utils."
+                            "remove_weight_norm / remove_spectral_norm, or torch.nn.utils.prune.remove)")
     return module.weight
 
 
@@ -225,6 +243,23 @@ def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.
             parametrize.register_parametrization(user, attribute, parametrization)
         attached[name] = parametrization
     return attached
+
+
+def tied_names(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """For each of `names` whose Parameter other modules use too (tied weights), the state-dict names
+    of those other uses (``{"encoder.weight": ["decoder.weight"]}``): what a file of the weights holds
+    as separate copies, and what a mask of the first must mask too."""
+    places: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attribute, parameter in module._parameters.items():
+            if parameter is not None:
+                places.setdefault(id(parameter), []).append(f"{module_name}.{attribute}" if module_name else attribute)
+    tied = {}
+    for name in names:
+        others = [place for place in places.get(id(original_weight(owner(model, name))), []) if place != name]
+        if others:
+            tied[name] = sorted(set(others))
+    return tied
 
 
 def _parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

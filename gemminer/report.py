@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gemminer.errors import GemminerError
 from gemminer.masking import PRUNABLE_TYPES
@@ -23,14 +24,20 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     entries x output positions. Under a mask, the remaining MACs are that times the
     layer's density, exactly: every weight is used equally often (padding aside).
     """
-    names = {module: f"{name}.weight" if name else "weight"
-             for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
+    names, first_use = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            # a tied weight's MACs add up under the name of its first layer, the name its mask has
+            key = id(module._parameters.get("weight", module))
+            if parametrize.is_parametrized(module, "weight"):
+                key = id(getattr(module.parametrizations.weight, "original", module))
+            names[module] = first_use.setdefault(key, f"{name}.weight" if name else "weight")
     macs: dict[str, int] = {}
 
     def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         channels_last = isinstance(module, nn.Linear)
         positions = output[0].numel() // (output.shape[-1] if channels_last else output.shape[1])
-        macs[names[module]] = module.weight.numel() * positions
+        macs[names[module]] = macs.get(names[module], 0) + module.weight.numel() * positions
 
     hooks = [module.register_forward_hook(count) for module in names]
     was_training = model.training

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from gemminer.checkpoint import write_bytes_atomic
 from gemminer.config import RunConfig, dump_yaml, load_run_config, result_config
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 from gemminer.ticket import Ticket, save_state
 
 try:
@@ -29,6 +29,15 @@ except ImportError:  # Windows: no lock, no error
 
 METRIC_COLUMNS = ["phase", "epoch", "lr", "train_loss", "reg_loss", "train_acc", "test_acc", "density",
                   "density_gem", "freeze_event", "seconds"]
+
+
+def read_json(path: Path, what: str, remedy: str = "") -> dict[str, Any]:
+    """A JSON object from `path`, through the one guard for files (`errors.reading`)."""
+    with reading(path, what, remedy):
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict):
+            raise ValueError("not a JSON object")
+    return loaded
 
 
 def output_folder(out: str | os.PathLike | None, what: str = "run folder") -> Path:
@@ -287,7 +296,7 @@ class RunFolder:
     def summary(self) -> dict[str, Any]:
         if not self.finished:
             raise GemminerError(f"{self.path} holds no finished run (no summary.json)")
-        return json.loads(self.file("summary.json").read_text())
+        return read_json(self.file("summary.json"), "run summary", "start the run over with --force")
 
 
 def tensorboard_writer(log_dir: Path) -> Any:

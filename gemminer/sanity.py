@@ -27,7 +27,7 @@ from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.methods import method_class
 from gemminer.methods.scoring import keep_bottom
-from gemminer.runs import RunFolder, write_atomic
+from gemminer.runs import RunFolder, read_json, write_atomic
 from gemminer.seeding import derive_seed, make_generator
 from gemminer.ticket import Ticket, masks_digest, read_safetensors
 
@@ -82,7 +82,8 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
         raise GemminerError(f"method {config.method} keeps no ranking of weights, so its ticket cannot be "
                             "inverted; run --checks shuffle,reinit")
     start = read_start(folder)
-    previous = json.loads(folder.file("sanity.json").read_text()) if folder.file("sanity.json").is_file() else {}
+    previous = (read_json(folder.file("sanity.json"), "sanity results", "delete it: the checks write it again")
+                if folder.file("sanity.json").is_file() else {})
     digest = masks_digest(ticket.masks)
     if previous.get("ticket_sha256") not in (None, digest):  # the run was redone: its old variants are stale
         force, previous = True, {}

@@ -161,17 +161,16 @@ class Ticket:
         masks, header = read_safetensors(path, what="ticket")
         if header.get("format_version") != FORMAT_VERSION:
             raise GemminerError(f"{path} is not a gemminer ticket (format_version {header.get('format_version')!r})")
-        with reading(path, "ticket file", "it is damaged or not a gemminer ticket"):
-            # these are always strings, even when they look like numbers
-            metadata = decode_header(header, keep_strings=("init_hash", "start_hash", "model", "method", "data",
-                                                           "format_version", "mask", "rewind", "start_point"))
-            expected = metadata.pop("masks_sha256", None)
-            if expected is not None and expected != masks_digest(masks):
-                raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")
-            names = metadata.pop("names", None)
-            if isinstance(names, list) and sorted(names) == sorted(masks):
-                masks = {name: masks[name] for name in names}
-            return cls(masks, metadata)
+        # these are always strings, even when they look like numbers
+        metadata = decode_header(header, keep_strings=("init_hash", "start_hash", "model", "method", "data",
+                                                       "format_version", "mask", "rewind", "start_point"))
+        expected = metadata.pop("masks_sha256", None)
+        if expected is not None and expected != masks_digest(masks):
+            raise GemminerError(f"ticket file {path} is corrupt (checksum mismatch)")
+        names = metadata.pop("names", None)
+        if isinstance(names, list) and sorted(names) == sorted(masks):
+            masks = {name: masks[name] for name in names}
+        return cls(masks, metadata)
 
 
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -199,8 +198,14 @@ def decode_header(header: dict[str, str], keep_strings: tuple[str, ...] = ()) ->
 
 def save_state(state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write a state dict as safetensors, atomically."""
-    payload = safetensors_bytes({name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()},
-                                metadata)
+    tensors, seen = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()  # tied weights: safetensors holds no shared storage, so each use gets a copy
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    payload = safetensors_bytes(tensors, metadata)
     write_bytes_atomic(Path(path), payload, "file")
 
 

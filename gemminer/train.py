@@ -237,6 +237,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     totals = torch.stack([running.loss_sum.float(), running.correct.float(),
                           torch.tensor(float(running.samples), device=device)])
     loss_sum, correct, samples = distributed.all_reduce_sum(totals).tolist()
+    if samples == 0:  # an empty data set (or an iterable without len that yields nothing) trains nothing
+        raise GemminerError("the training data is empty: a training epoch saw no batch")
     mean_loss = loss_sum / max(samples, 1)
     if not math.isfinite(mean_loss):
         raise Diverged(f"training diverged (mean loss {mean_loss}); lower the learning rate")

@@ -44,6 +44,12 @@ def test_eval_every_changes_no_result(tmp_path, data_dir):
         assert every[key] == sparse[key], key
     first, second = (Ticket.load(tmp_path / run / "ticket.safetensors") for run in ("a", "b"))
     assert first.same_masks(second)
+    for name in ("ticket.safetensors", "gem.safetensors", "finetuned.safetensors"):  # neutral keys not in headers
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # a measurement does not depend on how many came before it (BatchNorm recalibrates on the same batches)
+    measured = {(row["phase"], row["epoch"]): row["test_acc"] for row in _rows(tmp_path / "b") if "test_acc" in row}
+    every_epoch = {(row["phase"], row["epoch"]): row["test_acc"] for row in _rows(tmp_path / "a")}
+    assert measured and all(every_epoch[key] == value for key, value in measured.items())
 
 
 def test_eval_cadence_and_batch_do_not_make_a_run_stale(tmp_path, data_dir):

@@ -222,6 +222,8 @@ METHOD_NUMERIC = [(method, name) for method in sorted(METHODS) for name in _nume
 def test_every_run_number_is_validated(section, name, bad):
     if name == "milestones":
         bad = [bad]
+    if name == "seed" and bad == -1:
+        bad = 2.5  # every integer is a seed
     overrides = {section: {name: bad}} if section else {name: bad}
     with pytest.raises(GemminerError, match=name):
         resolve(overrides)
@@ -315,13 +317,49 @@ def test_tied_weights_get_one_mask_counted_once(batches):
     assert model.encoder.parametrizations.weight.original is model.decoder.parametrizations.weight.original
 
 
+def tied_factory(num_classes):
+    return TiedNet()
+
+
+def test_tied_weights_end_to_end_run_export_report_and_prune_interop(tmp_path, data_dir, capsys):
+    from gemminer.export import read_export
+    from gemminer.interop import from_prune_masks, to_prune_masks
+    from gemminer.masking import prunable_names
+
+    run = tmp_path / "run"
+    assert main(["mine", "--out", str(run), "--model", "tests.test_hardening:tied_factory", "--method", "magnitude",
+                 "--density", "0.3", "--data-dir", data_dir, "--data-num-samples", "500", "--finetune-epochs", "1",
+                 "--quiet"]) == 0
+    ticket = Ticket.load(run / "ticket.safetensors")
+    assert ticket.metadata["tied"] == {"encoder.weight": ["decoder.weight"]}
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "e.safetensors")]) == 0
+    model = TiedNet()
+    model.load_state_dict(read_export(tmp_path / "e.safetensors")[0])  # the tied copy is masked too
+    assert int((model.encoder.weight == 0).sum()) == ticket.masks["encoder.weight"].numel() - int(
+        ticket.masks["encoder.weight"].sum())
+    assert main(["report", str(run), "--png", str(tmp_path / "r.png")]) == 0
+    assert "2080" in capsys.readouterr().out  # the tied layer's MACs count under its mask's name
+    pruned = to_prune_masks(ticket, TiedNet())
+    assert torch.equal(pruned.encoder.weight, pruned.decoder.weight)
+    assert sorted(from_prune_masks(pruned).masks) == sorted(ticket.masks)
+    tied_last = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    tied_last[2].weight = tied_last[0].weight
+    assert prunable_names(tied_last, prune_last=False) == ["1.weight"]  # the last layer's Parameter stays dense
+
+
 def test_a_layer_parametrized_by_the_user_is_refused_with_the_real_reason(batches):
     from gemminer.methods import Magnitude
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
     torch.nn.utils.parametrizations.weight_norm(model[1])
-    with pytest.raises(GemminerError, match=r"already parametrized .*remove_parametrizations"):
+    with pytest.raises(GemminerError, match=r"layer 1: .*already parametrized .*remove_parametrizations"):
         Magnitude(0.5).find(model, batches)
+    hooked = nn.Sequential(nn.Flatten(), nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(hooked[3])  # the old hook-based kind
+    with pytest.raises(GemminerError, match=r"layer 3: .*computed by a hook"):
+        Magnitude(0.5).find(hooked, batches)
+    assert Magnitude(0.5, prune_last=False).find(hooked, batches).density == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -16,7 +16,7 @@ import numpy as np
 from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TINY_IMAGENET = Archive("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de", True)
@@ -97,7 +97,14 @@ def load_image_folder(source: Source) -> Dataset:
     train = _class_folder_files(root / "train", classes)
     if not train:
         raise GemminerError(f"{root}/train holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    with_images = {label for _, label in train}
+    if len(with_images) < 2:
+        empty = ", ".join(name for label, name in enumerate(classes) if label not in with_images)[:200]
+        raise GemminerError(f"{root}/train has images of {len(with_images)} class; a classifier needs at least 2 "
+                            f"(class folders without images: {empty})")
     test = _class_folder_files(test_dir, classes)
+    if not test:
+        raise GemminerError(f"{test_dir} holds no images: there would be nothing to measure accuracy on")
     key = "imagefolder-" + "".join(c if c.isalnum() else "_" for c in root.resolve().name)[:40]
     files = [path for path, _ in train + test]
     arrays = cached_arrays(key, files, lambda: _decode_splits(train, test))
@@ -117,11 +124,14 @@ def load_tiny_imagenet(source: Source) -> Dataset:
     if folder is None or not all(path.exists() for path in expected):
         raise missing(source, f"{root / 'tiny-imagenet-200'}/ with wnids.txt, train/<wnid>/images/*.JPEG, "
                               "val/images/*.JPEG and val/val_annotations.txt")
-    classes = sorted(line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip())
+    with reading(folder / "wnids.txt", "Tiny ImageNet class list"):
+        classes = sorted(line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip())
     label_of = {wnid: label for label, wnid in enumerate(classes)}
     train = [(path, label) for wnid, label in label_of.items() for path in _image_files(folder / "train" / wnid)]
     test = []
-    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+    with reading(folder / "val" / "val_annotations.txt", "Tiny ImageNet validation labels"):
+        annotations = (folder / "val" / "val_annotations.txt").read_text().splitlines()
+    for line in annotations:
         parts = line.split("\t")
         if len(parts) >= 2 and parts[1] in label_of:
             test.append((folder / "val" / "images" / parts[0], label_of[parts[1]]))

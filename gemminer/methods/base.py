@@ -16,7 +16,7 @@ from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import WEIGHT_INITS, init_hash, initialize_weights
-from gemminer.masking import prunable_names
+from gemminer.masking import prunable_names, tied_names
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket
 from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm, resolve_device, stateful_streams
@@ -68,6 +68,15 @@ class SearchResult:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
+def _known_empty(batches: Iterable[Batch]) -> bool:
+    """Whether `batches` says it holds no batch (iterables without a length are found out by the
+    training loop, which refuses an epoch without batches)."""
+    try:
+        return len(batches) == 0  # type: ignore[arg-type]
+    except TypeError:  # no __len__, or an IterableDataset's DataLoader
+        return False
+
+
 @dataclass
 class NoOptions:
     """Config of a method without options."""
@@ -109,6 +118,11 @@ class PruningMethod(ABC):
             raise GemminerError(f"unknown init {init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         config = copy.deepcopy(config) if config is not None else self.Config()
         if options:
+            known = {item.name for item in dataclasses.fields(config)}
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise GemminerError(f"{self.name} has no option {unknown[0]!r}; its options: "
+                                    f"{', '.join(sorted(known))}")
             config = dataclasses.replace(config, **options)
         from gemminer.config import check_ranges
 
@@ -153,7 +167,7 @@ class PruningMethod(ABC):
         (state that spans several training loops goes in ``checkpoint.pipeline["method_state"]``,
         which the pipeline drops once the search's files are written).
         """
-        if self.needs_data and hasattr(train, "__len__") and len(train) == 0:
+        if self.needs_data and _known_empty(train):
             raise GemminerError(f"{self.name} learns from training data, and the training data is empty")
         if self.init == "keep":
             return self._search(model, train, test, log, recalibration, checkpoint)
@@ -205,7 +219,12 @@ class PruningMethod(ABC):
         if test is None:
             return {}
         if recalibration is not None:
+            # every measurement recalibrates on the same batches (the stream is put back where it was), so
+            # a measurement does not depend on how many came before it: --eval-every changes no number
+            position = recalibration.state_dict() if hasattr(recalibration, "state_dict") else None
             recalibrate_batchnorm(net, recalibration, self.bn_recalibration_batches)
+            if position is not None:
+                recalibration.load_state_dict(position)
         return {"test_acc": evaluate(net, test).accuracy}
 
     def prunable(self, model: nn.Module) -> list[str]:
@@ -215,5 +234,8 @@ class PruningMethod(ABC):
         """A ticket with the standard metadata: method, target, seed, init hash."""
         metadata = {"method": self.name, "density_target": self.density, "seed": self.seed,
                     "init_hash": init_hash(model), **extra}
+        tied = tied_names(model, list(masks))
+        if tied:  # a weights file holds tied copies apart: export masks them too
+            metadata["tied"] = tied
         return Ticket({name: mask.detach().to("cpu").bool() for name, mask in masks.items()}, metadata)
 
