@@ -359,14 +359,16 @@ def _macs(folder: Path) -> dict[str, int] | None:
     return _MACS_CACHE[key]
 
 
-def _rounds_row(run: Path, remaining: int) -> dict[str, Any] | None:
-    """The IMP round that pruned to exactly `remaining` weights."""
+def _rounds_row(run: Path, remaining: int, total: int) -> dict[str, Any] | None:
+    """The IMP round that pruned to exactly `remaining` of `total` weights (rounds.csv of runs made before
+    its `kept` column: kept = round(total x pruned_to), as IMP computes it)."""
     path = run / "rounds.csv"
     if not path.is_file():
         return None
     with reading(path, "IMP rounds table", "start the IMP run over with --force"), open(path) as handle:
         for row in csv.DictReader(handle):
-            if int(row["kept"]) == remaining:
+            kept = int(row["kept"]) if row.get("kept") else round(total * float(row["pruned_to"]))
+            if kept == remaining:
                 return row
     return None
 
@@ -396,7 +398,7 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
     }
     if cell.imp_run is not None:  # a stop of an IMP run: its cost is the rounds up to that stop
         imp = RunFolder(cell.imp_run).summary()
-        rounds = _rounds_row(cell.imp_run, ticket.remaining)
+        rounds = _rounds_row(cell.imp_run, ticket.remaining, ticket.total)
         row["acc_before_finetune_at_init"] = imp.get("acc_before_finetune_at_init", True)
         if rounds is not None:
             row["epochs_to_ticket"] = _number(rounds["epochs"])

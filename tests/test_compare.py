@@ -198,3 +198,12 @@ def test_sigterm_stops_a_parallel_grid_with_checkpoints_and_it_resumes(tmp_path,
     resumed = subprocess.run(command, capture_output=True, text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert len(rows(out)) == 2
+
+
+def test_imp_rounds_tables_without_the_kept_column_still_give_a_stop_its_cost(tmp_path):
+    from gemminer.compare import _rounds_row
+
+    (tmp_path / "rounds.csv").write_text("round,density,pruned_to,test_acc,epochs,seconds\n"
+                                         "1,1,0.800002,0.9,30,26\n2,0.800002,0.640001,0.9,60,52\n")
+    assert _rounds_row(tmp_path, 59351, 92736)["round"] == "2"  # round(92736 x 0.640001) kept weights
+    assert _rounds_row(tmp_path, 5, 92736) is None
