@@ -141,7 +141,7 @@ def result_tree(config: RunConfig) -> dict[str, Any]:
 
 def result_config(config: RunConfig) -> dict[str, Any]:
     """The flattened config without the `RESULT_NEUTRAL` keys: what decides a run's numbers."""
-    return {key: value for key, value in flatten(to_dict(config)).items() if key not in RESULT_NEUTRAL}
+    return flatten(result_tree(config))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -360,32 +360,15 @@ def check_ranges(config: Any, prefix: str = "") -> None:
 
 def validate(config: RunConfig) -> None:
     """Reject values no run can use, with the allowed values in the message."""
-    check_ranges(config)
-    if not 0 < config.density <= 1:
-        raise GemminerError(f"density must be in (0, 1], got {config.density}")
-    if config.model.width is not None and config.model.width < 1:
-        raise GemminerError(f"model.width must be >= 1, got {config.model.width}")
-    finetune = config.finetune
-    if not all(math.isfinite(v) for v in (finetune.lr, finetune.momentum, finetune.weight_decay)) or finetune.lr <= 0:
-        raise GemminerError("finetune.lr must be a finite number > 0 (and momentum, weight_decay finite)")
+    check_ranges(config)  # every number, by name or declared range: what follows checks the rest
     from gemminer.init import WEIGHT_INITS
 
     if config.model.weight_init not in WEIGHT_INITS:
         raise GemminerError(f"unknown model.weight_init {config.model.weight_init!r}; "
                             f"allowed: {', '.join(WEIGHT_INITS)}")
-    if config.eval_every < 1:
-        raise GemminerError(f"eval_every must be >= 1, got {config.eval_every}")
-    if config.checkpoint_every < 0:
-        raise GemminerError("checkpoint_every must be >= 0")
-    if config.bn_recalibration_batches < 0:
-        raise GemminerError("bn_recalibration_batches must be >= 0")
     if config.finetune.lr_schedule not in ("multistep", "cosine"):
         raise GemminerError(f"unknown finetune.lr_schedule {config.finetune.lr_schedule!r}; "
                             "allowed: multistep, cosine")
-    if config.finetune.epochs is not None and config.finetune.epochs < 0:
-        raise GemminerError("finetune.epochs must be >= 0")
-    if config.data.batch_size < 1 or (config.data.eval_batch_size is not None and config.data.eval_batch_size < 1):
-        raise GemminerError("batch sizes must be >= 1")
     if config.data.eval_split not in ("test", "val"):
         raise GemminerError(f"unknown data.eval_split {config.data.eval_split!r}; allowed: test, val")
     if config.data.eval_split == "val" and config.data.val_size < 1:

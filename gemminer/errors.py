@@ -22,9 +22,9 @@ def reading(path: str | os.PathLike, what: str, remedy: str = "") -> Iterator[No
         yield
     except GemminerError:
         raise
-    except Exception as err:
+    except Exception as err:  # a parser's failure modes are open-ended; all mean "unreadable"
         if os.environ.get("GEMMINER_DEBUG"):  # a developer wants the parser's own traceback
-            raise  # a parser's failure modes are open-ended; all mean "unreadable"
+            raise
         if isinstance(err, OSError) and err.strerror:
             reason = err.strerror
         else:

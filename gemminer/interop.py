@@ -15,7 +15,7 @@ from torch.nn.utils import prune
 
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import _parameter_users, owner
+from gemminer.masking import owner, parameter_users
 from gemminer.ticket import Ticket
 
 
@@ -26,12 +26,11 @@ def to_prune_masks(ticket: Ticket, model: nn.Module, strict_init: bool = False) 
     `torch.nn.utils.prune.remove(module, "weight")` makes the pruning permanent.
     """
     ticket.check(model, strict_init)
-    users = _parameter_users(model)
     for name, mask in ticket.masks.items():
         module = owner(model, name)
         if prune.is_pruned(module) and hasattr(module, "weight_mask"):
             raise GemminerError(f"{name} is already pruned by torch.nn.utils.prune; remove it first")
-        for user, attribute in users.get(id(module.weight), [(module, "weight")]):  # tied: every use of it
+        for user, attribute in parameter_users(model, module.weight):  # tied: every use of it
             prune.custom_from_mask(user, attribute, mask.to(module.weight.device))
     return model
 

@@ -25,7 +25,7 @@ def prunable_names(model: nn.Module, prune_first: bool = True, prune_last: bool 
     to others (one Parameter in several layers) is named once, by its first layer: it gets one mask
     and counts once; `prune_first` / `prune_last` off keep the first / last layer's Parameter dense,
     wherever else it is used."""
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+    layers = prunable_layers(model)
     if not layers:
         raise GemminerError("the model has no prunable layer (nn.Linear or nn.Conv1d/2d/3d)")
     kept = layers[(0 if prune_first else 1):(len(layers) if prune_last else len(layers) - 1)]
@@ -44,6 +44,11 @@ def prunable_names(model: nn.Module, prune_first: bool = True, prune_last: bool 
         raise GemminerError("the model has no prunable layer left (nn.Linear or nn.Conv1d/2d/3d) once the first "
                             "and last are kept dense")
     return names
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Linear / Conv layer, in `named_modules()` order, tied or not."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
 
 
 def _weight_of(module: nn.Module, module_name: str) -> Tensor:
@@ -229,7 +234,6 @@ class TopKScoreMask(nn.Module):
 def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.Module]) -> dict[str, nn.Module]:
     """Register ``make(name, weight)`` as the parametrization of each named weight."""
     attached = {}
-    users = _parameter_users(model)
     for name in names:
         module = owner(model, name)
         if parametrize.is_parametrized(module, "weight"):
@@ -239,7 +243,7 @@ def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.
         parametrization = make(name, weight.detach())
         # every layer that uses this Parameter (tied weights, an embedding tied to a decoder) gets the
         # same mask, so the tied layers keep one and the same weight
-        for user, attribute in users.get(id(weight), [(module, "weight")]):
+        for user, attribute in parameter_users(model, weight):
             parametrize.register_parametrization(user, attribute, parametrization)
         attached[name] = parametrization
     return attached
@@ -249,27 +253,32 @@ def tied_names(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     """For each of `names` whose Parameter other modules use too (tied weights), the state-dict names
     of those other uses (``{"encoder.weight": ["decoder.weight"]}``): what a file of the weights holds
     as separate copies, and what a mask of the first must mask too."""
-    places: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for attribute, parameter in module._parameters.items():
-            if parameter is not None:
-                places.setdefault(id(parameter), []).append(f"{module_name}.{attribute}" if module_name else attribute)
+    places = parameter_places(model)
     tied = {}
     for name in names:
-        others = [place for place in places.get(id(original_weight(owner(model, name))), []) if place != name]
+        others = {place for place, _, _ in places.get(id(original_weight(owner(model, name))), [])} - {name}
         if others:
-            tied[name] = sorted(set(others))
+            tied[name] = sorted(others)
     return tied
 
 
-def _parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(Parameter) -> every (module, attribute) holding it directly, shared modules counted once."""
-    users: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
+def parameter_places(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(Parameter) -> every place holding it directly: (state-dict name, module, attribute), once per
+    path to the module (a module reached by two paths has two state-dict names)."""
+    places: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for attribute, parameter in module._parameters.items():
             if parameter is not None:
-                users.setdefault(id(parameter), []).append((module, attribute))
-    return users
+                name = f"{module_name}.{attribute}" if module_name else attribute
+                places.setdefault(id(parameter), []).append((name, module, attribute))
+    return places
+
+
+def parameter_users(model: nn.Module, weight: Tensor) -> list[tuple[nn.Module, str]]:
+    """Every (module, attribute) that holds the Parameter `weight` (tied weights: several), each once."""
+    users = {(id(module), attribute): (module, attribute) for _, module, attribute in
+             parameter_places(model).get(id(weight), [])}
+    return list(users.values())
 
 
 def attach_fixed_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from gemminer.errors import GemminerError
-from gemminer.masking import PRUNABLE_TYPES
+from gemminer.masking import PRUNABLE_TYPES, original_weight
 from gemminer.ticket import Ticket
 from gemminer.train import model_device
 
@@ -28,9 +28,9 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             # a tied weight's MACs add up under the name of its first layer, the name its mask has
-            key = id(module._parameters.get("weight", module))
-            if parametrize.is_parametrized(module, "weight"):
-                key = id(getattr(module.parametrizations.weight, "original", module))
+            key = id(module)
+            with contextlib.suppress(GemminerError):  # a weight computed by the user's own hooks: its layer's
+                key = id(original_weight(module))
             names[module] = first_use.setdefault(key, f"{name}.weight" if name else "weight")
     macs: dict[str, int] = {}
 

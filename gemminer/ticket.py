@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from gemminer.checkpoint import write_bytes_atomic
 from gemminer.errors import GemminerError, reading
 from gemminer.init import init_hash
-from gemminer.masking import attach_fixed_masks, original_weight, owner, prunable_names
+from gemminer.masking import attach_fixed_masks, original_weight, owner, prunable_layers
 
 FORMAT_VERSION = "1"
 
@@ -112,7 +112,7 @@ class Ticket:
     # ---- model ---------------------------------------------------------------------
     def check(self, model: nn.Module, strict_init: bool = False) -> None:
         """Raise if names or shapes do not match `model`; warn (or raise) on another init."""
-        prunable = set(prunable_names(model))
+        prunable = {f"{name}.weight" if name else "weight" for name, _ in prunable_layers(model)}
         for name, mask in self.masks.items():
             if name not in prunable:  # e.g. a name that lands on a BatchNorm layer of another model
                 raise GemminerError(f"ticket does not fit the model: it has no prunable weight {name!r} (a ticket "

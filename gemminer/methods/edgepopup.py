@@ -51,18 +51,12 @@ class EdgePopupConfig:
     scale_weights: bool = field(default=False, metadata={
         "help": "scale the fixed weights by 1/sqrt(density) during the search (the paper's 'scaled' configs)"})
 
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise GemminerError(f"search epochs must be >= 1, got {self.epochs}")
+    def validate(self) -> None:  # numbers: `check_ranges`
         for key, value, allowed in (("optimizer", self.optimizer, ("sgd", "adam")),
                                     ("lr_schedule", self.lr_schedule, ("cosine", "constant")),
                                     ("scope", self.scope, SCOPES)):
             if value not in allowed:
                 raise GemminerError(f"unknown search.{key} {value!r}; allowed: {', '.join(allowed)}")
-        if not all(math.isfinite(value) for value in (self.lr, self.momentum, self.weight_decay)):
-            raise GemminerError("search.lr, search.momentum and search.weight_decay must be finite numbers")
-        if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise GemminerError("search.lr must be > 0, search.momentum in [0, 1) and search.weight_decay >= 0")
 
 
 class EdgePopup(PruningMethod):

@@ -9,7 +9,6 @@ round(N * density) alive. With `unflag` the ticket is `alive`.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,11 +43,7 @@ class GemMinerConfig:
     freeze: str = field(default="lowest", metadata={
         "help": "lowest (paper) | highest: freeze out the highest scores instead (the inversion sanity check)"})
 
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise GemminerError(f"search epochs must be >= 1, got {self.epochs}")
-        if self.freeze_period < 0:
-            raise GemminerError(f"freeze_period must be >= 0, got {self.freeze_period}")
+    def validate(self) -> None:  # numbers alone: `check_ranges`
         if self.freeze_period > 0 and self.epochs < self.freeze_period + 1:
             raise GemminerError(f"freezing every {self.freeze_period} epochs needs at least "
                                 f"{self.freeze_period + 1} search epochs, got {self.epochs}")
@@ -58,10 +53,6 @@ class GemMinerConfig:
                                     ("freeze", self.freeze, ("lowest", "highest"))):
             if value not in allowed:
                 raise GemminerError(f"unknown search.{key} {value!r}; allowed: {', '.join(allowed)}")
-        if not (math.isfinite(self.reg_lambda) and math.isfinite(self.lr) and math.isfinite(self.momentum)):
-            raise GemminerError("search.reg_lambda, search.lr and search.momentum must be finite numbers")
-        if self.reg_lambda < 0 or self.lr <= 0:
-            raise GemminerError("search.reg_lambda must be >= 0 and search.lr > 0")
 
 
 def freeze_schedule(total: int, density: float, epochs: int, period: int) -> dict[int, int]:

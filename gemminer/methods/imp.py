@@ -50,10 +50,6 @@ class IMPConfig:
                 "trained weights, replay the lr schedule)"})
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise GemminerError(f"search.epochs must be >= 1, got {self.epochs}")
-        if not (math.isfinite(self.prune_fraction) and 0 < self.prune_fraction < 1):
-            raise GemminerError(f"search.prune_fraction must be in (0, 1), got {self.prune_fraction}")
         for density in self.keep_densities or []:
             if not (math.isfinite(density) and 0 < density <= 1):
                 raise GemminerError(f"search.keep_densities must lie in (0, 1], got {density}")

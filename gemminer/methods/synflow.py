@@ -48,8 +48,6 @@ class SynFlowConfig:
                                                             "(float64 keeps deep networks from overflowing)"})
 
     def validate(self) -> None:
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise GemminerError(f"search.iterations must be an integer >= 1, got {self.iterations!r}")
         if self.dtype not in DTYPES:
             raise GemminerError(f"unknown search.dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
 
