@@ -90,21 +90,35 @@ def weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
     return {name: original_weight(owner(model, name)) for name in names}
 
 
-class _HardThresholdSTE(torch.autograd.Function):
-    """1[s > 0.5] forward; the gradient passes through unchanged (straight-through)."""
+class _GemMask(torch.autograd.Function):
+    """``w * 1[s > 0.5] * alive`` in one autograd node, with a straight-through gradient to `s`:
+    ds = grad * w * alive, as if the threshold were the identity.
+
+    One autograd node, three kernels forward (threshold, w * alive, times the threshold) and one
+    backward, instead of a threshold Function and two multiplications each way: on a GPU each is a
+    kernel launch per layer and step, and launches are what the eager search costs over dense
+    training there (BENCHMARKS.md, "On a GPU")."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor) -> Tensor:
-        return (scores > 0.5).to(scores.dtype)
+    def forward(ctx, weight: Tensor, scores: Tensor, alive: Tensor) -> Tensor:
+        kept = scores > 0.5
+        weight_alive = weight * alive
+        # alive is saved only for a trainable weight: a freezing event may change it in place later
+        weight_grad = ctx.needs_input_grad[0]
+        ctx.save_for_backward(weight_alive, kept if weight_grad else None, alive if weight_grad else None)
+        return weight_alive * kept  # a bool factor: no conversion kernel; zeros signed as w * 0 gives them
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        weight_alive, kept, alive = ctx.saved_tensors
+        grad_scores = grad * weight_alive if ctx.needs_input_grad[1] else None
+        grad_weight = grad * alive * kept if ctx.needs_input_grad[0] else None
+        return grad_weight, grad_scores, None
 
 
-def round_scores(scores: Tensor) -> Tensor:
-    """r(s) = 1[s > 0.5] with a straight-through gradient to `s`."""
-    return _HardThresholdSTE.apply(scores)
+def gem_mask(weight: Tensor, scores: Tensor, alive: Tensor) -> Tensor:
+    """w * r(s) * alive with r(s) = 1[s > 0.5] and a straight-through gradient to `s`."""
+    return _GemMask.apply(weight, scores, alive)
 
 
 class FixedMask(nn.Module):
@@ -131,7 +145,7 @@ class ScoreMask(nn.Module):
         self.register_buffer("alive", torch.ones_like(scores))
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight * (round_scores(self.scores) * self.alive)
+        return gem_mask(weight, self.scores, self.alive)
 
 
 class _SelectionSTE(torch.autograd.Function):

@@ -6,7 +6,7 @@ import torch
 from gemminer.errors import GemminerError
 from gemminer.init import parameters_state
 from gemminer.masking import ScoreMask, prunable_names
-from gemminer.methods.gemminer import GemMiner, freeze_lowest, freeze_schedule
+from gemminer.methods.gemminer import GemMiner, freeze_lowest, freeze_schedule, lowest
 from gemminer.models import build_model
 
 
@@ -34,6 +34,20 @@ def test_exact_density_after_every_event_with_ties():
         for m in masks:  # scores of frozen weights rise: they must still stay out
             m.scores.data[~m.alive.bool()] = 1.0
     assert int(previous.sum()) == round(total * 0.1)
+
+
+def test_lowest_picks_what_a_stable_sort_picks():
+    """The linear-time selection behind freezing: the `count` lowest values, equal ones by index,
+    already frozen (-inf) first; exactly `count` of them, as the first `count` of a stable sort."""
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 2, 7, 50, 333):
+        values = torch.randint(0, 5, (size,), generator=generator).float() / 4  # many ties
+        values[torch.rand(size, generator=generator) < 0.3] = float("-inf")
+        order = torch.sort(values, stable=True).indices
+        for count in sorted({0, 1, size // 3, size // 2, size - 1, size}):
+            expected = torch.zeros(size, dtype=torch.bool)
+            expected[order[:count]] = True
+            assert torch.equal(lowest(values, count), expected), (size, count)
 
 
 def test_ties_broken_by_global_index():

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from gemminer.errors import GemminerError
-from gemminer.masking import ScoreMask, attach, attach_fixed_masks, prunable_names, remove_masks
+from gemminer.masking import ScoreMask, attach, attach_fixed_masks, gem_mask, prunable_names, remove_masks
 
 
 def small_net():
@@ -34,6 +34,23 @@ def test_gradient_reaches_scores_through_rounding(device):
     features = net[:4](x).detach()
     expected = weight * torch.ones(5, 3, device=device).t().matmul(features)
     torch.testing.assert_close(scores.grad, expected)
+
+
+def test_gem_mask_gradients_frozen_out_and_trainable_weight(device):
+    """ds = grad * w * alive for every score, kept or rounded off (straight-through), nothing for a
+    frozen-out one; a trainable weight gets grad * r(s) * alive."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=generator).to(device).requires_grad_(True)
+    scores = torch.rand(6, 5, generator=generator).to(device).requires_grad_(True)
+    alive = (torch.rand(6, 5, generator=generator) > 0.3).float().to(device)
+    grad = torch.randn(6, 5, generator=generator).to(device)
+    out = gem_mask(weight, scores, alive)
+    kept = ((scores > 0.5).float() * alive).detach()
+    assert torch.equal(out.detach(), weight.detach() * kept)
+    out.backward(grad)
+    assert torch.equal(scores.grad, grad * weight.detach() * alive)
+    assert (scores.grad[alive == 0] == 0).all()
+    assert torch.equal(weight.grad, grad * kept)
 
 
 def test_forward_uses_threshold_and_alive(device):

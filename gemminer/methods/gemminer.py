@@ -64,6 +64,21 @@ def freeze_schedule(total: int, density: float, epochs: int, period: int) -> dic
     return {k * period: round(total * density ** (k / events)) for k in range(1, events + 1)}
 
 
+def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the `count` lowest of the 1-D `values`, equal values by index (the earlier
+    first): what a stable sort's first `count` would pick, in linear time (kthvalue and a running
+    count of ties) rather than a sort of every score at each freezing event."""
+    if count <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if count >= values.numel():
+        return torch.ones_like(values, dtype=torch.bool)
+    threshold = torch.kthvalue(values, count).values  # the count-th lowest
+    below = values < threshold
+    tied = values == threshold
+    room = count - below.sum()
+    return below | (tied & (torch.cumsum(tied, 0) <= room))
+
+
 @torch.no_grad()
 def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> None:
     """Freeze out all but `keep` alive weights, over all layers together: the lowest
@@ -75,10 +90,8 @@ def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> N
     alive = torch.cat([m.alive.flatten() for m in masks]).bool()
     if keep > int(alive.sum()):
         raise GemminerError("freezing cannot bring weights back")  # schedules only shrink
-    key = scores.masked_fill(~alive, float("-inf"))  # already frozen weights sort first
-    order = torch.sort(key, stable=True).indices
-    new_alive = torch.ones_like(alive)
-    new_alive[order[:len(order) - keep]] = False
+    key = scores.masked_fill(~alive, float("-inf"))  # already frozen weights go first
+    new_alive = ~lowest(key, key.numel() - keep)
     distributed.broadcast(new_alive, source=0)  # rank 0 decides; every rank applies the same mask
     offset = 0
     for mask in masks:
