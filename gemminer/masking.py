@@ -94,19 +94,20 @@ class _GemMask(torch.autograd.Function):
     """``w * 1[s > 0.5] * alive`` in one autograd node, with a straight-through gradient to `s`:
     ds = grad * w * alive, as if the threshold were the identity.
 
-    One autograd node, three kernels forward (threshold, w * alive, times the threshold) and one
-    backward, instead of a threshold Function and two multiplications each way: on a GPU each is a
-    kernel launch per layer and step, and launches are what the eager search costs over dense
-    training there (BENCHMARKS.md, "On a GPU")."""
+    One autograd node and one kernel backward, instead of a threshold Function and two
+    multiplications each way: on a GPU each is a kernel launch per layer and step, and launches are
+    what the eager search costs over dense training there (BENCHMARKS.md, "On a GPU")."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, scores: Tensor, alive: Tensor) -> Tensor:
-        kept = scores > 0.5
+        # 1[s > 0.5] exactly, as a float tensor: rounding is half to even, so 0.5 goes to 0. On CPU a
+        # comparison to bool and a bool factor cost four times what clamp and round do.
+        kept = torch.round(scores.clamp(0.0, 1.0))
         weight_alive = weight * alive
         # alive is saved only for a trainable weight: a freezing event may change it in place later
         weight_grad = ctx.needs_input_grad[0]
         ctx.save_for_backward(weight_alive, kept if weight_grad else None, alive if weight_grad else None)
-        return weight_alive * kept  # a bool factor: no conversion kernel; zeros signed as w * 0 gives them
+        return weight_alive * kept
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
