@@ -1,7 +1,7 @@
 """Seconds per epoch: Gem-Miner search versus plain dense training, same model and data, as a ratio
 with a confidence bound tight enough to tell 1.05 from 1.10.
 
-    python benchmarks/search_speed.py [--model cnn1d] [--pairs 30] [--compile] [--profile 3]
+    python benchmarks/search_speed.py [--model cnn1d] [--pairs 30] [--processes 6] [--compile] [--profile 3]
 
 The search is the real one (`GemMiner.search`); dense training is fine-tuning's pass (`train_epoch`
 with fine-tuning's SGD and schedule) over all weights, unmasked. They take turns one epoch at a time
@@ -12,6 +12,11 @@ line: the median ratio, the geometric mean and a one-sided 95% upper bound on it
 the pairs' log ratios). Evaluation is off in both. (One thread for both, not a thread per loop:
 the OS keeps each thread on its own core, and with another job on one core that alone made two
 identical dense loops differ by 14%.)
+
+`--processes N` repeats the whole measurement in N fresh processes, one after the other, and prints
+each one's line and then the median and range of their ratios. On a shared machine the ratio moves
+between processes (1.04 to 1.09 seen here, same code) by more than one process's bound says: the
+bound covers the pairs' noise, not a process's memory layout or its neighbours.
 
 `--profile N` runs N epochs of each loop under torch.profiler instead and prints the operators that
 take the most time in each (self CPU time, and CUDA time on a GPU): where the search's extra time
@@ -28,6 +33,8 @@ import json
 import math
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -106,7 +113,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="both loops under torch.compile")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N epochs of each loop (torch.profiler) instead of timing pairs")
+    parser.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes (median, range)")
     args = parser.parse_args()
+    if args.processes > 1:
+        repeat_in_processes(args.processes)
+        return
 
     epochs = (args.profile or args.pairs) + 1  # the first is a warm-up
     config = resolve({"data": {"name": args.data}, "model": {"name": args.model, "width": args.width},
@@ -134,6 +145,26 @@ def main() -> None:
         "ratio_median": round(statistics.median(math.exp(v) for v in log_ratios), 4),
         "ratio_geomean": round(math.exp(statistics.fmean(log_ratios)), 4),
         "ratio_upper95": round(upper_bound(log_ratios), 4), "pairs": len(log_ratios)}))
+
+
+def repeat_in_processes(count: int) -> None:
+    """This benchmark with the same arguments in `count` fresh processes in turn; each one's JSON
+    line, then one line over them: the median and the range of the per-process ratios."""
+    argv = list(sys.argv[1:])
+    at = argv.index("--processes") if "--processes" in argv else None
+    if at is not None:
+        del argv[at:at + 2]
+    argv = [arg for arg in argv if not arg.startswith("--processes=")]
+    results = []
+    for _ in range(count):
+        done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True)
+        line = done.stdout.strip().splitlines()[-1]
+        print(line, flush=True)
+        results.append(json.loads(line))
+    ratios = [result["ratio_median"] for result in results]
+    print(json.dumps({"processes": count, "ratio_median_of_processes": round(statistics.median(ratios), 4),
+                      "ratio_min": min(ratios), "ratio_max": max(ratios),
+                      "processes_at_or_below_1.05": sum(ratio <= 1.05 for ratio in ratios)}))
 
 
 def profile(loops: dict[str, Callable[[Callable[[dict], None]], object]], device: torch.device) -> None:

@@ -163,6 +163,7 @@ def test_grasp_hessian_gradient_matches_finite_differences(make, temperature):
         torch.testing.assert_close(hg[name], finite, rtol=1e-5, atol=1e-7 * float(finite.abs().max()))
 
 
+@pytest.mark.filterwarnings("ignore:grasp.*fewer than samples_per_class")  # one sample, of class 0 only
 def test_grasp_sign_worked_by_hand():
     """logits = (w0, w1) for x = 1, label 0, T = 1: g = (-p1, p1), H = p0 p1 [[1, -1], [-1, 1]], so
     H g = 2 p0 p1^2 (-1, 1) and w * Hg = 2 p0 p1^2 (-w0, w1). GraSP keeps the largest: w1, the
@@ -310,3 +311,14 @@ def test_magnitude_refuses_signed_constant_weights():
     with pytest.raises(GemminerError, match=r"all \|w\| are equal in 1.weight, 3.weight, 5.weight"):
         Magnitude(0.1).search(model, make_batches())
     assert Magnitude(0.1, init="kaiming_normal").search(model, make_batches()).ticket.remaining > 0
+
+
+def test_grasp_warns_when_a_class_is_short_of_samples():
+    """Fewer samples of a class than samples_per_class: a warning naming the class, and the ticket
+    records how many were scored."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, CLASSES, bias=False))
+    inputs = torch.randn(7, 4)
+    targets = torch.tensor([0, 0, 0, 1, 1, 1, 2])  # class 2 has one sample
+    with pytest.warns(UserWarning, match=r"1 class\(es\) \(2: 1\); it scores on 7 samples, not 9"):
+        result = Grasp(0.5, samples_per_class=3).search(model, [(inputs, targets)])
+    assert result.ticket.metadata["grasp_samples"] == 7

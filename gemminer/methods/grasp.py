@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -75,6 +76,18 @@ def class_balanced_samples(train: Iterable[Batch], per_class: int,
     x = torch.stack([sample for label in labels for sample in inputs[label]])
     y = torch.tensor([label for label in labels for _ in inputs[label]], dtype=torch.long)
     return x, y
+
+
+def short_of(targets: Tensor, per_class: int, num_classes: int) -> None:
+    """Warn (naming the classes) when the data held fewer than `per_class` samples of some class:
+    GraSP then scores on fewer samples than configured, recorded as the ticket's `grasp_samples`."""
+    counts = torch.bincount(targets, minlength=num_classes).tolist()
+    short = [f"{label}: {count}" for label, count in enumerate(counts) if count < per_class]
+    if short:
+        listed = ", ".join(short[:10]) + (f" and {len(short) - 10} more" if len(short) > 10 else "")
+        warnings.warn(f"grasp: the training data has fewer than samples_per_class={per_class} samples of "
+                      f"{len(short)} class(es) ({listed}); it scores on {len(targets)} samples, not "
+                      f"{per_class * num_classes}", stacklevel=2)
 
 
 def halves(inputs: Tensor, targets: Tensor) -> list[Batch]:
@@ -137,7 +150,9 @@ class Grasp(PruningMethod):
         start = time.perf_counter()
         net = copy.deepcopy(model).to(self.device)
         names = self.prunable(net)
-        inputs, targets = class_balanced_samples(train, self.config.samples_per_class, self._output_width(net))
+        width = self._output_width(net)
+        inputs, targets = class_balanced_samples(train, self.config.samples_per_class, width)
+        short_of(targets, self.config.samples_per_class, width(inputs))
         parts = halves(inputs.to(self.device), targets.to(self.device))
         net.train()  # as the reference scores: BatchNorm on the statistics of each half
         scores = {name: s.to("cpu") for name, s in grasp_scores(net, names, parts, self.config.temperature).items()}
