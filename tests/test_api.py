@@ -49,6 +49,7 @@ def options(name: str) -> dict:
 
 @pytest.mark.parametrize("init", ["keep", "signed_constant"])
 @pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.filterwarnings("ignore:grasp.*fewer than samples_per_class")  # tiny data: a few per class
 def test_find_never_changes_the_model(name, init, user_data):
     if name == "magnitude" and init == "signed_constant":
         pytest.skip("magnitude refuses constant-magnitude weights (tested in test_pai_methods)")
