@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gemminer import distributed
+from gemminer.allocator import keep_freed_memory
 from gemminer.checkpoint import StopRequested
 from gemminer.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, load_yaml, merge, resolve
 from gemminer.errors import GemminerError
@@ -193,6 +194,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # CPU steps without page-faulting their activations in again (gemminer.allocator)
     try:
         args = build_parser(_pre_method(argv)).parse_args(argv)
         return COMMANDS[args.command](args)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gemminer import __version__
+from gemminer.allocator import keep_freed_memory
 from gemminer.checkpoint import StopFlag, StopRequested
 from gemminer.config import load_run_config, resolve, result_config, to_dict
 from gemminer.errors import GemminerError, reading
@@ -88,6 +89,7 @@ def run_task(task: Task, threads: int | None = None, device: str | None = None, 
 
     from gemminer.sanity import sanity
 
+    keep_freed_memory()  # a pool or Ray worker is a process of its own (gemminer.allocator)
     if threads:
         torch.set_num_threads(threads)
     args = task.args
