@@ -2,6 +2,7 @@
 with a confidence bound tight enough to tell 1.05 from 1.10.
 
     python benchmarks/search_speed.py [--model cnn1d] [--pairs 30] [--processes 6] [--compile] [--profile 3]
+    python benchmarks/search_speed.py --data cifar10 --data-dir DIR --data-limit 2560 --model resnet20
 
 The search is the real one (`GemMiner.search`); dense training is fine-tuning's pass (`train_epoch`
 with fine-tuning's SGD and schedule) over all weights, unmasked. They take turns one epoch at a time
@@ -41,6 +42,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from gemminer.allocator import keep_freed_memory
 from gemminer.config import resolve
 from gemminer.experiment import Setup, setup
 from gemminer.finetune import finetune, paper_milestones
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--model", default="cnn1d")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--data", default="mnist1d")
+    parser.add_argument("--data-dir", default=None, help="where --data lies (default: the data set's own)")
+    parser.add_argument("--data-limit", type=int, default=None, help="training samples per epoch (data.limit)")
     parser.add_argument("--pairs", type=int, default=30, help="timed (search, dense) pairs of epochs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="both loops under torch.compile")
@@ -115,12 +119,15 @@ def main() -> None:
                         help="profile N epochs of each loop (torch.profiler) instead of timing pairs")
     parser.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes (median, range)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does (gemminer.allocator); GEMMINER_KEEP_MALLOC=1: glibc's defaults
     if args.processes > 1:
         repeat_in_processes(args.processes)
         return
 
     epochs = (args.profile or args.pairs) + 1  # the first is a warm-up
-    config = resolve({"data": {"name": args.data}, "model": {"name": args.model, "width": args.width},
+    data = {"name": args.data, **({"dir": args.data_dir} if args.data_dir else {}),
+            **({"limit": args.data_limit} if args.data_limit else {})}
+    config = resolve({"data": data, "model": {"name": args.model, "width": args.width},
                       "device": args.device, "density": 0.02, "compile": args.compile,
                       "search": {"epochs": epochs, "freeze_period": 1}})
     run = setup(config)
