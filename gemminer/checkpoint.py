@@ -84,12 +84,45 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+FOREIGN = "it is not a checkpoint this gemminer wrote; delete it, or pass --force to start the run over"
+# what `Checkpointer.save` and the pipeline put in a checkpoint, by key: the type each value must have
+LOOP_TYPES = {"phase": str, "epoch": int, "partial": (dict, type(None)), "history": list, "elapsed": (int, float)}
+PIPELINE_TYPES = {"rows": list, "search": dict, "method_state": dict}
+SEARCH_TYPES = {"epochs": int, "seconds": (int, float)}
+
+
+def structure_problem(state: dict[str, Any]) -> str | None:
+    """Where a checkpoint's content is not what `Checkpointer.save` writes (None: it is). A file with a
+    valid checksum can still be forged or come from elsewhere; this is checked before anything reads it."""
+    if not CHECKPOINT_KEYS <= state.keys():
+        return f"missing {', '.join(sorted(CHECKPOINT_KEYS - state.keys()))}"
+    pipeline, loop, objects, rng = state["pipeline"], state["loop"], state["objects"], state["rng"]
+    if not isinstance(pipeline, dict) or not isinstance(objects, dict) or not isinstance(rng, dict):
+        return "pipeline, objects and rng must be mappings"
+    if not {"python", "numpy", "torch"} <= rng.keys():
+        return "rng lacks a generator state"
+    if loop is not None:
+        if not isinstance(loop, dict) or not all(isinstance(loop.get(key), kind) for key, kind in LOOP_TYPES.items()):
+            return "loop is not a training loop's state"
+        if not all(isinstance(row, dict) for row in loop["history"]):
+            return "loop.history holds something other than metric rows"
+    for key, kind in PIPELINE_TYPES.items():
+        if key in pipeline and not isinstance(pipeline[key], kind):
+            return f"pipeline.{key} is a {type(pipeline[key]).__name__}"
+    if not all(isinstance(row, dict) for row in pipeline.get("rows", [])):
+        return "pipeline.rows holds something other than metric rows"
+    search = pipeline.get("search")
+    if search is not None and not all(isinstance(search.get(key), kind) for key, kind in SEARCH_TYPES.items()):
+        return "pipeline.search lacks its epochs or seconds"
+    return None
+
+
 def load_run_checkpoint(path: Path) -> dict[str, Any]:
     """A run's checkpoint (what `Checkpointer.save` writes), refusing any other structure in one line."""
     state = load_checkpoint(path)
-    if not CHECKPOINT_KEYS <= state.keys() or not isinstance(state["pipeline"], dict):
-        raise GemminerError(f"cannot read checkpoint {path}: not the expected structure; it is not a checkpoint "
-                            "this gemminer wrote; delete it, or pass --force to start the run over")
+    problem = structure_problem(state)
+    if problem is not None:
+        raise GemminerError(f"cannot read checkpoint {path}: not the expected structure ({problem}); {FOREIGN}")
     return state
 
 
@@ -165,9 +198,19 @@ class Checkpointer:
             self.barrier()
 
     def restore_objects(self, objects: dict[str, Any]) -> None:
-        for name, obj in objects.items():
-            obj.load_state_dict(self.state["objects"][name])
-        set_rng_state(self.state["rng"])
+        """Each object's saved state, then the generators'; a saved state that does not fit (a forged or
+        foreign file with a valid checksum) is one clear error, not a traceback."""
+        saved = self.state["objects"]
+        try:
+            for name, obj in objects.items():
+                if name not in saved:
+                    raise KeyError(f"no saved state of {name}")
+                obj.load_state_dict(saved[name])
+            set_rng_state(self.state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise GemminerError(f"cannot resume from checkpoint {self.path}: a saved state does not fit this run "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                                f"{FOREIGN}") from err
 
     def stop_requested(self) -> str | None:
         return self.stop.signal_name if self.stop is not None else None

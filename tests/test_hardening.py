@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from gemminer.checkpoint import MAGIC, load_run_checkpoint
+from gemminer.checkpoint import MAGIC, load_run_checkpoint, rng_state
 from gemminer.cli import main
 from gemminer.config import FinetuneConfig, RunConfig, load_yaml, resolve
 from gemminer.errors import GemminerError
@@ -124,7 +124,21 @@ def test_a_damaged_config_file_is_one_line(tmp_path, data_dir, capsys, damage):
             load_yaml(str(config))
 
 
-@pytest.mark.parametrize("body", ["list", "foreign-pickle", "missing-keys", "empty", "truncated"])
+def _forged(pipeline=None, loop=None, objects=None) -> bytes:
+    """A checkpoint with a valid checksum and the right top-level keys, but inner content of its own."""
+    return _checkpoint_with_body({"pipeline": pipeline or {}, "rng": rng_state(), "loop": loop,
+                                  "objects": objects or {}})
+
+
+IN_SEARCH = {"phase": "search", "epoch": 1, "partial": None, "history": [], "elapsed": 0.0}
+FORGED = {"search-empty": lambda: _forged(pipeline={"search": {}}),
+          "loop-wrong-types": lambda: _forged(loop={"phase": 3, "epoch": "one"}),
+          "rows-not-rows": lambda: _forged(pipeline={"rows": [1, 2]}),
+          "objects-missing": lambda: _forged(loop=IN_SEARCH),
+          "objects-misfit": lambda: _forged(loop=IN_SEARCH, objects={"net": {"x": torch.zeros(1)}, "optimizer": {}})}
+
+
+@pytest.mark.parametrize("body", ["list", "foreign-pickle", "missing-keys", "empty", "truncated", *FORGED])
 def test_a_checkpoint_that_is_not_ours_says_so_and_how_to_start_over(finished_run, tmp_path, data_dir, capsys,
                                                                      body):
     run = tmp_path / "run"
@@ -135,15 +149,24 @@ def test_a_checkpoint_that_is_not_ours_says_so_and_how_to_start_over(finished_ru
                "foreign-pickle": _checkpoint_with_body({"pipeline": {}, "x": collections_counter()}),
                "missing-keys": _checkpoint_with_body({"pipeline": {}}),
                "empty": b"",
-               "truncated": good[: len(good) - 5]}[body]
+               "truncated": good[: len(good) - 5]}[body] if body not in FORGED else FORGED[body]()
     (run / "checkpoint.pt").write_bytes(payload)
-    line = one_error_line(capsys, main(["mine", "--out", str(run), "--data-dir", data_dir, "--density", "0.2",
-                                        *TINY]))
+    code = main(["mine", "--out", str(run), "--data-dir", data_dir, "--density", "0.2", *TINY])
+    if body in ("objects-missing", "objects-misfit"):  # read fine, so the run says it resumes; then the error
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        lines = err.strip().splitlines()
+        assert lines[0].startswith("resuming the unfinished run") and len(lines) == 2, err
+        line = lines[-1]
+        assert line.startswith("gemminer: error: cannot resume from checkpoint"), err
+    else:
+        line = one_error_line(capsys, code)
     assert "checkpoint" in line
-    if body in ("list", "foreign-pickle", "missing-keys"):
+    if body in ("list", "foreign-pickle", "missing-keys", *FORGED):
         assert "--force" in line
-    with pytest.raises(GemminerError):
-        load_run_checkpoint(run / "checkpoint.pt")
+    if body not in ("objects-missing", "objects-misfit"):  # those read fine; resuming from them fails
+        with pytest.raises(GemminerError):
+            load_run_checkpoint(run / "checkpoint.pt")
 
 
 def collections_counter():
