@@ -47,6 +47,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def first_problem(message: str | None) -> str | None:
+    """On every rank, the message of the lowest rank that has one (None: no rank has). A collective:
+    when one rank refuses a run, the others stop with it instead of waiting at the next barrier."""
+    if not active():
+        return message
+    messages: list[str | None] = [None] * world_size()
+    dist.all_gather_object(messages, message)
+    return next((found for found in messages if found is not None), None)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

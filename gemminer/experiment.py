@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -144,18 +145,28 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
     when the body finishes. `initial_files` writes what a fresh run starts with. The folder
     is locked against a second writer for the whole session (`RunFolder.lock`)."""
     folder = RunFolder(output_folder(out), writer=distributed.is_main())
-    with folder.lock():  # rank 0 alone, before the folder is read for resuming, written or deleted
-        if folder.finished and not force:
-            raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
-        folder.open_tensorboard(config)  # before anything is written: a missing package is bad input
-        resuming = resume and not force and folder.file("config.yaml").is_file()
-        if resuming:
-            folder.check_same_config(config)
-        else:
-            folder.start(config, force=force)  # after setup: bad input leaves no folder behind
-            if initial_files is not None:
-                initial_files(folder)
-        distributed.barrier()
+    with contextlib.ExitStack() as session:
+        problem = None
+        try:
+            session.enter_context(folder.lock())  # rank 0 alone, before the folder is read, written or deleted
+            if folder.finished and not force:
+                raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
+            folder.open_tensorboard(config)  # before anything is written: a missing package is bad input
+            resuming = resume and not force and folder.file("config.yaml").is_file()
+            if resuming:
+                folder.check_same_config(config)
+            else:
+                folder.start(config, force=force)  # after setup: bad input leaves no folder behind
+                if initial_files is not None:
+                    initial_files(folder)
+        except GemminerError as err:
+            problem = err
+        # every rank learns whether any refused (this also waits for rank 0's folder): all stop together
+        message = distributed.first_problem(str(problem) if problem is not None else None)
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise GemminerError(message)
         with StopFlag() as stop:
             checkpoint = Checkpointer(folder.file("checkpoint.pt"), config.checkpoint_every, stop,
                                       is_writer=distributed.is_main(), barrier=distributed.barrier)

@@ -63,3 +63,22 @@ def test_two_process_gloo_run_matches_one_process(method, tmp_path, data_dir):
     assert summaries[1]["processes"] == 2 and summaries[0]["processes"] == 1
     assert abs(summaries[0]["acc_after_finetune"] - summaries[1]["acc_after_finetune"]) <= 0.01
     assert abs(summaries[0]["acc_ticket_at_init"] - summaries[1]["acc_ticket_at_init"]) <= 0.01
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_a_run_rank_0_refuses_stops_every_rank(tmp_path, data_dir):
+    """The run folder is in use: rank 0 cannot lock it, and rank 1 stops with the same one line
+    instead of waiting at a barrier until torchrun tears it down."""
+    from gemminer.runs import folder_lock
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "busy"
+    with folder_lock(out):  # another writer holds it
+        result = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gemminer", "mine", "--out", str(out),
+                                 *FLAGS, *METHOD_FLAGS["gemminer"], "--data-dir", data_dir],
+                                env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gemminer: error:")]
+    assert result.returncode != 0
+    assert len(lines) == 2 and lines[0] == lines[1] and "in use" in lines[0], result.stderr[-2000:]
