@@ -66,9 +66,12 @@ def paper_run_table(path: Path) -> str:
         seconds = [float(row["seconds"]) for row in part]
         epochs = [seconds[0]] + [b - a for a, b in pairwise(seconds)]
         medians[phase] = (len(part), statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0])
-        accuracies = [float(row["test_acc"]) for row in part if row["test_acc"]]
+        accuracies = [float(row["test_acc"]) for row in part if row.get("test_acc")]
+        last, best = (f"{100 * accuracies[-1]:.2f}", f"{100 * max(accuracies):.2f}") if accuracies else ("", "")
         lines.append(f"| {phase} | {len(part)} | {epochs[0]:.1f} | {medians[phase][1]:.2f} | {seconds[-1]:.1f} | "
-                     f"{100 * accuracies[-1]:.2f} | {100 * max(accuracies):.2f} |")
+                     f"{last} | {best} |")
+    if "finetune" not in medians and "search" in medians:  # stopped inside the search: count fine-tuning
+        medians["finetune"] = (0, medians["search"][1])  # at a search epoch's time, an upper estimate
     missing = sum((PAPER_EPOCHS - done) * median for done, median in medians.values())
     if missing > 0:
         lines.append(f"\nEpochs not reached, at the median epoch time: {missing:.0f} s more.")

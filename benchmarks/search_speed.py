@@ -106,7 +106,7 @@ def interleaved(run: Setup, pairs: int) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default="cnn1d")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--data", default="mnist1d")
@@ -119,6 +119,10 @@ def main() -> None:
                         help="profile N epochs of each loop (torch.profiler) instead of timing pairs")
     parser.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes (median, range)")
     args = parser.parse_args()
+    if args.processes > 1 and args.profile:
+        parser.error("--processes repeats the timing; --profile profiles once: give one of them")
+    if args.data_limit is not None and args.data_limit < 1:
+        parser.error("--data-limit must be at least 1")
     keep_freed_memory()  # as the command line does (gemminer.allocator); GEMMINER_KEEP_MALLOC=1: glibc's defaults
     if args.processes > 1:
         repeat_in_processes(args.processes)
@@ -157,14 +161,12 @@ def main() -> None:
 def repeat_in_processes(count: int) -> None:
     """This benchmark with the same arguments in `count` fresh processes in turn; each one's JSON
     line, then one line over them: the median and the range of the per-process ratios."""
-    argv = list(sys.argv[1:])
-    at = argv.index("--processes") if "--processes" in argv else None
-    if at is not None:
-        del argv[at:at + 2]
-    argv = [arg for arg in argv if not arg.startswith("--processes=")]
+    argv = [*sys.argv[1:], "--processes", "1"]  # the last one given wins: each child measures once
     results = []
     for _ in range(count):
-        done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"a measuring process failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
         line = done.stdout.strip().splitlines()[-1]
         print(line, flush=True)
         results.append(json.loads(line))

@@ -88,7 +88,8 @@ FOREIGN = "it is not a checkpoint this gemminer wrote; delete it, or pass --forc
 # what `Checkpointer.save` and the pipeline put in a checkpoint, by key: the type each value must have
 LOOP_TYPES = {"phase": str, "epoch": int, "partial": (dict, type(None)), "history": list, "elapsed": (int, float)}
 PIPELINE_TYPES = {"rows": list, "search": dict, "method_state": dict}
-SEARCH_TYPES = {"epochs": int, "seconds": (int, float)}
+SEARCH_TYPES = {"epochs": (int, float), "seconds": (int, float)}  # IMP's epochs are fractional after epoch:x.y
+PARTIAL_TYPES = {"steps": int, "loss_sum": torch.Tensor, "correct": torch.Tensor, "samples": int}
 
 
 def structure_problem(state: dict[str, Any]) -> str | None:
@@ -106,6 +107,9 @@ def structure_problem(state: dict[str, Any]) -> str | None:
             return "loop is not a training loop's state"
         if not all(isinstance(row, dict) for row in loop["history"]):
             return "loop.history holds something other than metric rows"
+        partial = loop["partial"]
+        if partial is not None and not all(isinstance(partial.get(key), kind) for key, kind in PARTIAL_TYPES.items()):
+            return "loop.partial is not a part-done epoch's sums"
     for key, kind in PIPELINE_TYPES.items():
         if key in pipeline and not isinstance(pipeline[key], kind):
             return f"pipeline.{key} is a {type(pipeline[key]).__name__}"
@@ -207,10 +211,14 @@ class Checkpointer:
                     raise KeyError(f"no saved state of {name}")
                 obj.load_state_dict(saved[name])
             set_rng_state(self.state["rng"])
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer releases
+            raise  # not the file's doing
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            detail = str(err).splitlines()[0] if str(err) else ""
             raise GemminerError(f"cannot resume from checkpoint {self.path}: a saved state does not fit this run "
-                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                                f"{FOREIGN}") from err
+                                f"({type(err).__name__}: {detail}); if the machine or the number of processes "
+                                "changed, resume where it was written; otherwise delete it, or pass --force to "
+                                "start the run over") from err
 
     def stop_requested(self) -> str | None:
         return self.stop.signal_name if self.stop is not None else None

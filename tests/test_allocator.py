@@ -37,3 +37,11 @@ def test_command_line_applies_it_first(monkeypatch, capsys):
     assert cli.main(["mine", "--out", "x", "--density", "2"]) == 2  # refused, after the setting
     assert calls == [True]
     assert "density" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not glibc(), reason="glibc only")
+def test_opt_out_set_to_0_is_no_opt_out(monkeypatch):
+    for name in allocator.USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GEMMINER_KEEP_MALLOC", "0")
+    assert allocator.keep_freed_memory() is True

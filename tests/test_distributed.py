@@ -35,6 +35,13 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+def failure_lines(stderr: str) -> str:
+    """What the ranks said before torchrun's summary (which alone fills the tail): errors, aborts."""
+    said = [line for line in stderr.splitlines() if any(word in line for word in ("rror", "terminate", "what()",
+                                                                                    "enforce", "Abort"))]
+    return "\n".join(said[:40]) + "\n...\n" + stderr[-1500:]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 @pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
@@ -45,10 +52,11 @@ def test_two_process_gloo_run_matches_one_process(method, tmp_path, data_dir):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     two = tmp_path / "two"
     flags = [*FLAGS, *METHOD_FLAGS[method]]
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", str(script), "mine", "--out", str(two), *flags,
-                             "--data-dir", data_dir, str(tmp_path / "masks")],
+    # --standalone: a free port of its own, so two runs at once (another suite, a study) never meet
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), "mine", "--out", str(two),
+                             *flags, "--data-dir", data_dir, str(tmp_path / "masks")],
                             env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, failure_lines(result.stderr)
     rank0 = torch.load(tmp_path / "masks.rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "masks.rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
@@ -76,8 +84,8 @@ def test_a_run_rank_0_refuses_stops_every_rank(tmp_path, data_dir):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "busy"
     with folder_lock(out):  # another writer holds it
-        result = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "gemminer", "mine", "--out", str(out),
-                                 *FLAGS, *METHOD_FLAGS["gemminer"], "--data-dir", data_dir],
+        result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gemminer", "mine", "--out",
+                                 str(out), *FLAGS, *METHOD_FLAGS["gemminer"], "--data-dir", data_dir],
                                 env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.startswith("gemminer: error:")]
     assert result.returncode != 0

@@ -169,6 +169,21 @@ def test_a_checkpoint_that_is_not_ours_says_so_and_how_to_start_over(finished_ru
             load_run_checkpoint(run / "checkpoint.pt")
 
 
+def test_every_checkpoint_gemminer_writes_passes_the_structure_check():
+    """What the writers put there: IMP's fractional search epochs (a rewind to epoch 0.5), a part-done
+    epoch's sums, IMP's method state; and a forged part-done epoch is refused."""
+    from gemminer.checkpoint import structure_problem
+
+    partial = {"steps": 3, "loss_sum": torch.tensor(1.5), "correct": torch.tensor(7), "samples": 96}
+    loop = {"phase": "finetune", "epoch": 1, "partial": partial, "history": [{"phase": "finetune"}], "elapsed": 2.0}
+    state = {"pipeline": {"rows": [{"phase": "search"}], "search": {"epochs": 3.428571, "seconds": 1.0,
+                                                                     "start_point": "rewind"},
+                          "method_state": {"round": 2}}, "rng": rng_state(), "loop": loop, "objects": {}}
+    assert structure_problem(state) is None
+    state["loop"] = {**loop, "partial": {"x": 1}}
+    assert "partial" in structure_problem(state)
+
+
 def collections_counter():
     import collections
 

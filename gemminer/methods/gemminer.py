@@ -66,12 +66,16 @@ def freeze_schedule(total: int, density: float, epochs: int, period: int) -> dic
 
 def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask of the `count` lowest of the 1-D `values`, equal values by index (the earlier
-    first): what a stable sort's first `count` would pick, in linear time (kthvalue and a running
-    count of ties) rather than a sort of every score at each freezing event."""
+    first): what a stable sort's first `count` would pick (NaN last, as it sorts), in linear time
+    (kthvalue and a running count of ties) rather than a sort of every score at each freezing event."""
     if count <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
     if count >= values.numel():
         return torch.ones_like(values, dtype=torch.bool)
+    if values.isnan().any():  # kthvalue's NaN would select nothing: the sort, on this rare path
+        chosen = torch.zeros_like(values, dtype=torch.bool)
+        chosen[torch.sort(values, stable=True).indices[:count]] = True
+        return chosen
     threshold = torch.kthvalue(values, count).values  # the count-th lowest
     below = values < threshold
     tied = values == threshold
@@ -91,7 +95,8 @@ def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> N
     if keep > int(alive.sum()):
         raise GemminerError("freezing cannot bring weights back")  # schedules only shrink
     key = scores.masked_fill(~alive, float("-inf"))  # already frozen weights go first
-    new_alive = ~lowest(key, key.numel() - keep)
+    # on the CPU: CUDA's kthvalue is refused under deterministic algorithms in older torch releases
+    new_alive = (~lowest(key.cpu(), key.numel() - keep)).to(alive.device)
     distributed.broadcast(new_alive, source=0)  # rank 0 decides; every rank applies the same mask
     offset = 0
     for mask in masks:

@@ -165,9 +165,13 @@ class Grasp(PruningMethod):
         """The number of classes: the width of the model's output on one sample (eval mode,
         no gradient; the scores are computed in train mode afterwards)."""
 
+        found: list[int] = []  # asked for twice (the samples, the short-class check): measured once
+
         def width(inputs: Tensor) -> int:
-            net.eval()
-            with torch.no_grad():
-                return int(net(inputs[:1].to(self.device)).shape[-1])
+            if not found:
+                net.eval()
+                with torch.no_grad():
+                    found.append(int(net(inputs[:1].to(self.device)).shape[-1]))
+            return found[0]
 
         return width
