@@ -25,6 +25,7 @@ from gemminer.errors import GemminerError, reading
 
 MAGIC = b"GEMMINER-CHECKPOINT 1 "
 CHECKPOINT_KEYS = frozenset({"pipeline", "rng", "loop", "objects"})  # what Checkpointer.save writes
+FOREIGN = "it is not a checkpoint this gemminer wrote; delete it, or pass --force to start the run over"
 
 
 class StopRequested(Exception):
@@ -76,15 +77,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest() != expected:
         raise GemminerError(f"checkpoint {path} is corrupt or truncated (checksum mismatch); "
                             "delete it to restart the run, or use --force")
-    remedy = "it is not a checkpoint this gemminer wrote; delete it, or pass --force to start the run over"
-    with reading(path, "checkpoint", remedy):  # weights_only refuses foreign pickles: say so in one line
+    with reading(path, "checkpoint", FOREIGN):  # weights_only refuses foreign pickles: say so in one line
         state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     if not isinstance(state, dict):
-        raise GemminerError(f"cannot read checkpoint {path}: not the expected structure; {remedy}")
+        raise GemminerError(f"cannot read checkpoint {path}: not the expected structure; {FOREIGN}")
     return state
 
 
-FOREIGN = "it is not a checkpoint this gemminer wrote; delete it, or pass --force to start the run over"
 # what `Checkpointer.save` and the pipeline put in a checkpoint, by key: the type each value must have
 LOOP_TYPES = {"phase": str, "epoch": int, "partial": (dict, type(None)), "history": list, "elapsed": (int, float)}
 PIPELINE_TYPES = {"rows": list, "search": dict, "method_state": dict}

@@ -163,21 +163,25 @@ class _SelectionSTE(torch.autograd.Function):
         return grad, None
 
 
-def top_k_mask(scores: Tensor, keep: int) -> Tensor:
-    """Bool mask of the `keep` largest |scores|; equal values go to the lower flat index.
+def largest(values: Tensor, count: int) -> Tensor:
+    """Bool mask of the `count` largest of the 1-D `values` (no NaN); equal values go to the lower
+    index, as a stable descending sort would pick them. Linear time (kthvalue plus a cumulative count
+    of ties), so it can run every step."""
+    if count <= 0 or count >= values.numel():
+        return torch.full(values.shape, count > 0, dtype=torch.bool, device=values.device)
+    threshold = torch.kthvalue(values, values.numel() - count + 1).values  # the count-th largest
+    above = values > threshold
+    tied = values == threshold
+    room = count - above.sum()
+    return above | (tied & (torch.cumsum(tied, 0) <= room))
 
-    Linear time (kthvalue plus a cumulative count of ties), so it can run every step."""
+
+def top_k_mask(scores: Tensor, keep: int) -> Tensor:
+    """Bool mask of the `keep` largest |scores|; equal values go to the lower flat index."""
     flat = scores.detach().abs().flatten()
     if not 0 <= keep <= flat.numel():
         raise GemminerError(f"cannot keep {keep} of {flat.numel()} weights")
-    if keep == 0 or keep == flat.numel():
-        return torch.full(scores.shape, keep > 0, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values  # the keep-th largest
-    above = flat > threshold
-    tied = flat == threshold
-    room = keep - above.sum()
-    chosen = above | (tied & (torch.cumsum(tied, 0) <= room))
-    return chosen.view(scores.shape)
+    return largest(flat, keep).view(scores.shape)
 
 
 class GlobalTopK:

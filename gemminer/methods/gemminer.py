@@ -21,7 +21,7 @@ from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import ScoreMask, attach
+from gemminer.masking import ScoreMask, attach, largest
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
 from gemminer.train import Batch
@@ -65,22 +65,14 @@ def freeze_schedule(total: int, density: float, epochs: int, period: int) -> dic
 
 
 def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Bool mask of the `count` lowest of the 1-D `values`, equal values by index (the earlier
-    first): what a stable sort's first `count` would pick (NaN last, as it sorts), in linear time
-    (kthvalue and a running count of ties) rather than a sort of every score at each freezing event."""
-    if count <= 0:
-        return torch.zeros_like(values, dtype=torch.bool)
-    if count >= values.numel():
-        return torch.ones_like(values, dtype=torch.bool)
-    if values.isnan().any():  # kthvalue's NaN would select nothing: the sort, on this rare path
+    """Bool mask of the `count` lowest of the 1-D `values`, equal values by index (the earlier first):
+    what a stable ascending sort's first `count` would pick, NaN last, in linear time (`largest`)
+    rather than a sort of every score at each freezing event."""
+    if values.isnan().any():  # a diverged search: the sort, which ranks NaN last, on this rare path
         chosen = torch.zeros_like(values, dtype=torch.bool)
-        chosen[torch.sort(values, stable=True).indices[:count]] = True
+        chosen[torch.sort(values, stable=True).indices[:max(count, 0)]] = True
         return chosen
-    threshold = torch.kthvalue(values, count).values  # the count-th lowest
-    below = values < threshold
-    tied = values == threshold
-    room = count - below.sum()
-    return below | (tied & (torch.cumsum(tied, 0) <= room))
+    return largest(-values, count)
 
 
 @torch.no_grad()
