@@ -4,7 +4,9 @@ behind ``data.eval_batch_size: auto`` (`gemminer.data.AUTO_EVAL_BATCH`).
     python benchmarks/eval_batch.py [--model resnet20] [--device auto] [--batches 128,256,1000]
 
 Random inputs of the data set's shape (no data files needed); each size runs `--repeats`
-passes after one warm-up pass, and the median is printed as one JSON line per model.
+passes after one warm-up pass, and the median is printed as one JSON line per model. On CUDA,
+images and convolutions are channels_last, as gemminer lays them out there (`Setup.channels_last`).
+`--samples` and `--width` shrink it (the GPU check's dry run).
 """
 
 from __future__ import annotations
@@ -45,19 +47,29 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batches", default="128,256,512,1000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=None, help="inputs per pass (default: the test split's size)")
+    parser.add_argument("--width", type=int, default=None, help="the model's width (default: its own)")
     args = parser.parse_args()
+    unknown = sorted(set(args.model.split(",")) - set(SHAPES))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     device = resolve_device(args.device)
     generator = torch.Generator().manual_seed(0)
     for name in args.model.split(","):
         shape, classes, count = SHAPES[name]
-        model = build_model(name, shape, classes).to(device)
+        count = args.samples or count
+        model = build_model(name, shape, classes, width=args.width).to(device)
         inputs = torch.randn((count, *shape), generator=generator).to(device)
+        channels_last = device.type == "cuda" and len(shape) == 3
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = torch.randint(0, classes, (count,), generator=generator).to(device)
         seconds = {batch: round(seconds_per_pass(model, inputs, targets, int(batch), args.repeats), 4)
                    for batch in args.batches.split(",")}
         print(json.dumps({"model": name, "samples": count, "device": str(device), "threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                          "seconds_per_pass": seconds}))
+                          "channels_last": channels_last, "seconds_per_pass": seconds}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ CARRY = REPO / "gpu-carry"  # filled by benchmarks/gpu_prepare.sh, git-ignored, 
 CIFAR_ARCHIVE = "cifar10-jpeg.tar.gz"
 CIFAR_SHA256 = "565b23c5c7308074240a1d9ebd0afd4c0fe42223a52214959e9589ec71b5f2f4"  # ../shared/data/README.md
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-STEPS = ("smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "compile")
+STEPS = ("smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "evalbatch", "compile")
 PAPER_EPOCHS = {"search": 150, "finetune": 150}  # ResNet-20 / CIFAR-10, evaluated every epoch
 PAPER_TRAIN_IMAGES = 50_000
 # A killed and resumed run against an uninterrupted one on CUDA without deterministic algorithms
@@ -80,11 +80,11 @@ class Sizes:
 GPU = Sizes(device="cuda", width=None, batch=128, limit=12_800, epochs=6, eval_every=3, resume_limit=2_560,
             resume_batch=128, per_class=None, tests=("tests",), budget=290.0,
             limits={"smoke": 60, "setup": 150, "tests": 100, "mine": 150, "torchrun": 90, "resume": 120,
-                    "speed": 150, "compile": 240})
+                    "speed": 150, "evalbatch": 60, "compile": 240})
 DRY = Sizes(device="cpu", width=4, batch=32, limit=96, epochs=6, eval_every=3, resume_limit=64, resume_batch=32,
             per_class=(12, 6), tests=("tests/test_masking.py",), budget=240.0,
             limits={"smoke": 60, "setup": 90, "tests": 90, "mine": 90, "torchrun": 90, "resume": 90,
-                    "speed": 90, "compile": 90})
+                    "speed": 90, "evalbatch": 60, "compile": 90})
 
 
 class StepFailed(Exception):
@@ -879,6 +879,27 @@ def speedups(base: dict[str, Any], other: dict[str, Any]) -> dict[str, float | N
     return out
 
 
+EVAL_BATCHES = {"cuda": "128,256,512,1000,2500,10000", "cpu": "16,64"}
+
+
+def step_evalbatch(check: Check) -> dict[str, Any]:
+    """Seconds per ResNet-20 pass over 10,000 test-sized inputs per evaluation batch size
+    (`benchmarks/eval_batch.py`): the measurement behind `data.eval_batch_size: auto` on this device."""
+    shrink = ["--samples", "64", "--width", "4", "--repeats", "1"] if check.dry_run else ["--repeats", "5"]
+    argv = check.python("benchmarks/eval_batch.py", "--model", "resnet20", "--device", check.sizes.device,
+                        "--batches", EVAL_BATCHES[check.sizes.device], *shrink)
+    job = check.run("eval-batch", argv, limit=check.sizes.limits["evalbatch"])
+    if not job.ok:
+        raise StepFailed(job.failure("eval_batch.py"))
+    lines = [line for line in job.output.splitlines() if line.startswith("{")]
+    if not lines:
+        raise StepFailed(f"eval_batch.py printed no result:\n{tail(job.output)}")
+    result = json.loads(lines[-1])
+    seconds = {int(batch): value for batch, value in result["seconds_per_pass"].items()}
+    result["fastest_batch"] = min(seconds, key=seconds.__getitem__)
+    return result
+
+
 def step_compile(check: Check) -> dict[str, Any]:
     """The same fp32 run with --compile (one compiled configuration: compiling costs tens of seconds)."""
     if check.dry_run:
@@ -903,7 +924,7 @@ def step_compile(check: Check) -> dict[str, Any]:
 
 STEP_FUNCTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "smoke": step_smoke, "setup": step_setup, "tests": step_tests, "mine": step_mine, "torchrun": step_torchrun,
-    "resume": step_resume, "speed": step_speed, "compile": step_compile}
+    "resume": step_resume, "speed": step_speed, "evalbatch": step_evalbatch, "compile": step_compile}
 
 
 # ---- workers this file starts in other processes ------------------------------------------

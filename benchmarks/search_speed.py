@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="where --data lies (default: the data set's own)")
     parser.add_argument("--data-limit", type=int, default=None, help="training samples per epoch (data.limit)")
     parser.add_argument("--pairs", type=int, default=30, help="timed (search, dense) pairs of epochs")
+    parser.add_argument("--freeze-period", type=int, default=1, metavar="T",
+                        help="search epochs between freezing events (default 1: an event every epoch, the most "
+                             "the search can cost; the paper's is 5)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="both loops under torch.compile")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -121,6 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.processes > 1 and args.profile:
         parser.error("--processes repeats the timing; --profile profiles once: give one of them")
+    if args.freeze_period < 0:
+        parser.error("--freeze-period must be at least 0 (0: no freezing)")
     if args.data_limit is not None and args.data_limit < 1:
         parser.error("--data-limit must be at least 1")
     keep_freed_memory()  # as the command line does (gemminer.allocator); GEMMINER_KEEP_MALLOC=1: glibc's defaults
@@ -133,7 +138,7 @@ def main() -> None:
             **({"limit": args.data_limit} if args.data_limit else {})}
     config = resolve({"data": data, "model": {"name": args.model, "width": args.width},
                       "device": args.device, "density": 0.02, "compile": args.compile,
-                      "search": {"epochs": epochs, "freeze_period": 1}})
+                      "search": {"epochs": epochs, "freeze_period": args.freeze_period}})
     run = setup(config)
     if args.profile:
         profile({
@@ -155,7 +160,8 @@ def main() -> None:
         "dense_s_per_epoch": round(statistics.median(dense), 4),
         "ratio_median": round(statistics.median(math.exp(v) for v in log_ratios), 4),
         "ratio_geomean": round(math.exp(statistics.fmean(log_ratios)), 4),
-        "ratio_upper95": round(upper_bound(log_ratios), 4), "pairs": len(log_ratios)}))
+        "ratio_upper95": round(upper_bound(log_ratios), 4), "pairs": len(log_ratios),
+        "freeze_period": config.search.freeze_period}))
 
 
 def repeat_in_processes(count: int) -> None:

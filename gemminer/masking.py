@@ -90,37 +90,25 @@ def weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
     return {name: original_weight(owner(model, name)) for name in names}
 
 
-class _GemMask(torch.autograd.Function):
-    """``w * 1[s > 0.5] * alive`` in one autograd node, with a straight-through gradient to `s`:
-    ds = grad * w * alive, as if the threshold were the identity.
+def straight_through_threshold(scores: Tensor) -> Tensor:
+    """1[s > 0.5] as a float tensor whose gradient is the identity (straight-through).
 
-    One autograd node and one kernel backward, instead of a threshold Function and two
-    multiplications each way: on a GPU each is a kernel launch per layer and step, and launches are
-    what the eager search costs over dense training there (BENCHMARKS.md, "On a GPU")."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, scores: Tensor, alive: Tensor) -> Tensor:
-        # 1[s > 0.5] exactly for every real s, as a float tensor: rounding is half to even, so 0.5 goes
-        # to 0. On CPU the threshold costs a quarter of a comparison to bool, the forward half of one with
-        # a bool factor. A NaN score gives a NaN weight (the loss turns NaN and the run stops as diverged).
-        kept = torch.round(scores.clamp(0.0, 1.0))
-        weight_alive = weight * alive
-        # alive is saved only for a trainable weight: a freezing event may change it in place later
-        weight_grad = ctx.needs_input_grad[0]
-        ctx.save_for_backward(weight_alive, kept if weight_grad else None, alive if weight_grad else None)
-        return weight_alive * kept
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        weight_alive, kept, alive = ctx.saved_tensors
-        grad_scores = grad * weight_alive if ctx.needs_input_grad[1] else None
-        grad_weight = grad * alive * kept if ctx.needs_input_grad[0] else None
-        return grad_weight, grad_scores, None
+    Written as ``s + (r - s).detach()`` with native operations rather than an autograd Function: the
+    backward is one pass-through node, and no Python runs per layer and step, which was half of what
+    the CPU search cost over dense training (BENCHMARKS.md, "Search versus dense training"). The
+    value is exactly r for every s in [0, 2] (r - s is exact there by Sterbenz's lemma, and so is the
+    sum); scores stay in [0, 1] by the search's clamp. A NaN score stays NaN."""
+    detached = scores.detach()
+    # 1[s > 0.5] written straight into a float tensor: half the time of a comparison to bool and a
+    # conversion (0.5 itself is off, as round-half-to-even would have it too)
+    kept = torch.gt(detached, 0.5, out=torch.empty_like(detached))
+    return scores + (kept - detached)
 
 
 def gem_mask(weight: Tensor, scores: Tensor, alive: Tensor) -> Tensor:
-    """w * r(s) * alive with r(s) = 1[s > 0.5] and a straight-through gradient to `s`."""
-    return _GemMask.apply(weight, scores, alive)
+    """w * r(s) * alive with r(s) = 1[s > 0.5] and a straight-through gradient to `s` (ds = grad * w
+    * alive); a trainable `weight` gets grad * r(s) * alive."""
+    return weight * alive * straight_through_threshold(scores)
 
 
 class FixedMask(nn.Module):
@@ -145,9 +133,23 @@ class ScoreMask(nn.Module):
         super().__init__()
         self.scores = nn.Parameter(scores)
         self.register_buffer("alive", torch.ones_like(scores))
+        self._weight_alive: tuple[tuple, Tensor] | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
-        return gem_mask(weight, self.scores, self.alive)
+        if weight.requires_grad or torch.compiler.is_compiling():
+            return gem_mask(weight, self.scores, self.alive)  # in the graph (a compiled one fuses it)
+        return self.weight_alive(weight) * straight_through_threshold(self.scores)
+
+    def weight_alive(self, weight: Tensor) -> Tensor:
+        """``w * alive`` of a fixed weight, kept until the weight or the flags change (a freezing
+        event, a restored checkpoint, a device move: seen in version counters and storage): the
+        search's weights are fixed, so this saves one multiplication per layer and step."""
+        # inference mode too: a tensor made under it cannot be saved for a later backward
+        key = (weight._version, weight.data_ptr(), weight.dtype, self.alive._version, self.alive.data_ptr(),
+               torch.is_inference_mode_enabled())
+        if self._weight_alive is None or self._weight_alive[0] != key:
+            self._weight_alive = (key, weight * self.alive)
+        return self._weight_alive[1]
 
 
 class _SelectionSTE(torch.autograd.Function):

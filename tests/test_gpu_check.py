@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "compile"]
+STEPS = ["smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "evalbatch", "compile"]
 
 
 def gpu_check(out: Path, work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -54,6 +54,8 @@ def test_dry_run_runs_every_step_and_reports_each(checked):
     assert steps["resume"]["deterministic"]["identical"] and steps["resume"]["deterministic"]["metrics_identical"]
     speed = steps["speed"]["fp32"]
     assert speed["search_img_per_s"] > 0 and speed["dense_train_img_per_s"] > 0 and speed["projected_paper_run_s"] > 0
+    evalbatch = steps["evalbatch"]
+    assert set(evalbatch["seconds_per_pass"]) == {"16", "64"} and evalbatch["fastest_batch"] in (16, 64)
     # what comes back from a GPU machine: one report, one log
     assert sorted(path.name for path in (base / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
 
