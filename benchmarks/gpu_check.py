@@ -130,7 +130,7 @@ class Report:
         self.invocation = len(self.data["invocations"]) + 1
         self.data["invocations"].append({"number": self.invocation, "started": now(), "argv": argv,
                                          "steps": planned, "budget_s": budget, "host": platform.node(),
-                                         "git_commit": git_commit()})
+                                         "git_commit": git_commit(), "source_digest": source_digest()})
         for name in planned:
             self.data["steps"][name] = {"status": "pending", "invocation": self.invocation}
         self.write()
@@ -161,11 +161,27 @@ class Report:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout's .git. A copy of a working tree can carry an older .git than its files (the
+    device tool's did: a report named the commit before the one that ran), so `source_digest` is the
+    check of what ran."""
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() or None
+
+
+SOURCE_FILES = ("pyproject.toml", "gemminer/**/*.py", "benchmarks/*.py", "benchmarks/*.sh", "tests/**/*.py")
+
+
+def source_digest(root: Path = REPO) -> str:
+    """sha256 over the code's files (names and bytes) as they lie in `root`, not as .git says:
+    `python benchmarks/gpu_check.py --source-digest` prints it for a checkout here, to match a report's."""
+    digest = hashlib.sha256()
+    paths = sorted({path for pattern in SOURCE_FILES for path in root.glob(pattern) if path.is_file()})
+    for path in paths:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 # ---- running commands ---------------------------------------------------------------------
@@ -990,6 +1006,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", help="report folder (default: $OUT, else ./gpu-report)")
     parser.add_argument("--work", help="scratch folder: data, runs, caches (default: $TMPDIR/gemminer-gpu-check)")
     parser.add_argument("--budget", type=float, help="seconds for the whole check (default 290; dry run 240)")
+    parser.add_argument("--source-digest", action="store_true",
+                        help="print the digest of this checkout's code (a report's source_digest) and stop")
     parser.add_argument("--data-tar", help=f"the CIFAR-10 JPEG archive (default: gpu-carry/{CIFAR_ARCHIVE}, "
                                            f"else ../shared/data/{CIFAR_ARCHIVE})")
     args = parser.parse_args(argv)
@@ -1005,6 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in WORKERS:
         return WORKERS[argv[0]](argv[1:])
     args = parse_args(argv)
+    if args.source_digest:
+        print(source_digest())
+        return 0
     sizes = DRY if args.dry_run else GPU
     budget = args.budget or sizes.budget
     planned = [name for name in STEPS if not args.only or name in args.only.split(",")]

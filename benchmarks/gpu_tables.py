@@ -1,9 +1,10 @@
 """The GPU tables of BENCHMARKS.md, from what a GPU session brought back (no GPU needed here).
 
-    python benchmarks/gpu_tables.py benchmarks/gpu-results/h200-2026-11-26
+    python benchmarks/gpu_tables.py benchmarks/gpu-results/h100-2026-11-26
 
 The folder holds `gpu_check.json` (`bash benchmarks/gpu_check.sh`) and, where a full-length run was made,
-`paper-run-metrics.csv` (a `gemminer mine` run's metrics.csv, possibly cut short by its time limit).
+`paper-run-metrics.csv` (a `gemminer mine` run's metrics.csv, possibly cut short by its time limit), and
+`search_speed.txt` where `benchmarks/search_speed.py` ran there too (its JSON line).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def check_tables(report: dict[str, Any]) -> str:
     smoke = steps["smoke"].get("details", {})
     lines = [f"Card: {smoke.get('nvidia_smi', smoke.get('device_name', '?'))}; PyTorch {smoke.get('torch')}, "
              f"CUDA {smoke.get('cuda_version')}, cuDNN {smoke.get('cudnn')}, Python {smoke.get('python')}.", ""]
+    invocation = report.get("invocations", [{}])[0]
+    if invocation.get("source_digest"):
+        lines[0] += f" Code: source digest {invocation['source_digest']}."
     lines += ["| step | status | seconds |", "|---|---|---|"]
     for name, entry in steps.items():
         detail = ""
@@ -40,17 +44,32 @@ def check_tables(report: dict[str, Any]) -> str:
     for label, view in variants:
         if not view:
             continue
-        ratio = view["dense_train_img_per_s"] / view["search_img_per_s"]
-        lines.append(f"| {label} | {view['search_img_per_s']:,.0f} | {view['dense_train_img_per_s']:,.0f} | "
-                     f"{view['eval_img_per_s']:,.0f} | {ratio:.2f} | {view['projected_paper_run_min']:.1f} min |")
+        search, dense = view.get("search_img_per_s"), view.get("dense_train_img_per_s")
+        ratio = f"{dense / search:.2f}" if search and dense else "n/a"
+        projected = view.get("projected_paper_run_min")
+        lines.append(f"| {label} | {number(search)} | {number(dense)} | {number(view.get('eval_img_per_s'))} | "
+                     f"{ratio} | {f'{projected:.1f} min' if projected is not None else 'n/a'} |")
     for label, key, source in (("bf16 over fp32", "bf16_speedup", speed),
                                ("`--compile` over eager", "compile_speedup", steps["compile"].get("details", {}))):
         up = source.get(key)
         if up:
-            lines.append(f"\nSpeed-up, {label}: search {up['search_img_per_s']}x, dense training "
-                         f"{up['dense_train_img_per_s']}x, evaluation {up['eval_img_per_s']}x, projected run "
-                         f"{up['projected_paper_run']}x.")
+            times = {key: f"{up[key]}x" if up.get(key) is not None else "n/a"
+                     for key in ("search_img_per_s", "dense_train_img_per_s", "eval_img_per_s", "projected_paper_run")}
+            lines.append(f"\nSpeed-up, {label}: search {times['search_img_per_s']}, dense training "
+                         f"{times['dense_train_img_per_s']}, evaluation {times['eval_img_per_s']}, projected run "
+                         f"{times['projected_paper_run']}.")
+    evalbatch = steps.get("evalbatch", {}).get("details", {})
+    if evalbatch.get("seconds_per_pass"):
+        seconds = evalbatch["seconds_per_pass"]
+        lines += ["", f"| evaluation batch ({evalbatch.get('model')}, {evalbatch.get('samples'):,} inputs) | "
+                      + " | ".join(seconds) + " |", "|---|" + "---|" * len(seconds),
+                  "| seconds per pass | " + " | ".join(f"{value:.4f}" for value in seconds.values()) + " |"]
     return "\n".join(lines)
+
+
+def number(value: float | None) -> str:
+    """Thousands separated; n/a where the check could not measure it (an evaluation time within the noise)."""
+    return f"{value:,.0f}" if value is not None else "n/a"
 
 
 def paper_run_table(path: Path) -> str:
@@ -87,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_tables: no {report_path}", file=sys.stderr)
         return 2
     print(check_tables(json.loads(report_path.read_text())))
+    speed = args.folder / "search_speed.txt"
+    if speed.is_file():
+        lines = [line for line in speed.read_text().splitlines() if line.startswith("{")]
+        if lines:
+            result = json.loads(lines[-1])
+            print(f"\nsearch_speed.py ({result['model']}, {result['train_samples']:,} images per epoch, freezing "
+                  f"every {result.get('freeze_period', 1)} epoch(s), {result['pairs']} pairs): search "
+                  f"{result['search_s_per_epoch']} s/epoch, dense {result['dense_s_per_epoch']} s/epoch, ratio "
+                  f"{result['ratio_median']} (upper 95% {result['ratio_upper95']}).")
     paper = args.folder / "paper-run-metrics.csv"
     if paper.is_file():
         print("\n" + paper_run_table(paper))

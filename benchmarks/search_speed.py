@@ -46,6 +46,7 @@ from gemminer.allocator import keep_freed_memory
 from gemminer.config import resolve
 from gemminer.experiment import Setup, setup
 from gemminer.finetune import finetune, paper_milestones
+from gemminer.masking import attach_fixed_masks, weights
 from gemminer.methods.gemminer import GemMiner
 from gemminer.train import compiled, train_epoch
 
@@ -73,12 +74,23 @@ def upper_bound(log_ratios: list[float], level: float = 0.95, draws: int = 20_00
     return math.exp(float(np.quantile(means, level)))
 
 
-def interleaved(run: Setup, pairs: int) -> tuple[list[float], list[float]]:
+def dense_model(run: Setup, masked: bool) -> torch.nn.Module:
+    """The network dense training trains: unmasked, or masked as fine-tuning trains a ticket (a random
+    mask at the run's density through parametrize: the mask's values change no timing)."""
+    model = copy.deepcopy(run.model)
+    if masked:
+        generator = torch.Generator().manual_seed(0)
+        attach_fixed_masks(model, {name: torch.rand(weight.shape, generator=generator) < run.config.density
+                                   for name, weight in weights(model, run.prunable).items()})
+    return model
+
+
+def interleaved(run: Setup, pairs: int, masked: bool = False) -> tuple[list[float], list[float]]:
     """Seconds of each search epoch and each dense epoch, `pairs` + 1 of each, in ABBA turns."""
     config = run.config
     epochs = pairs + 1
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    model = copy.deepcopy(run.model)
+    model = dense_model(run, masked)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.finetune.lr, momentum=config.finetune.momentum,
                                 weight_decay=config.finetune.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, paper_milestones(epochs), gamma=0.1)
@@ -118,6 +130,9 @@ def main() -> None:
                              "the search can cost; the paper's is 5)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="both loops under torch.compile")
+    parser.add_argument("--dense", choices=("unmasked", "masked"), default="unmasked",
+                        help="dense training of the plain network (default), or masked as fine-tuning trains a "
+                             "ticket (what the GPU check's 'dense training' is)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N epochs of each loop (torch.profiler) instead of timing pairs")
     parser.add_argument("--processes", type=int, default=1, help="repeat in N fresh processes (median, range)")
@@ -145,11 +160,13 @@ def main() -> None:
             "search": lambda log: GemMiner(config.density, config.search, device=run.device,
                                            compile=config.compile).search(run.model, run.batches("search-order"),
                                                                           log=log),
-            "dense": lambda log: finetune(copy.deepcopy(run.model), run.batches("finetune-order"), epochs=epochs,
+            "dense": lambda log: finetune(dense_model(run, args.dense == "masked"), run.batches("finetune-order"),
+                                          epochs=epochs,
                                           config=config.finetune, log=log, compile=config.compile)}, run.device)
         return
 
-    search, dense = (times[1:] for times in interleaved(run, args.pairs))  # without the warm-up pair
+    # without the warm-up pair
+    search, dense = (times[1:] for times in interleaved(run, args.pairs, masked=args.dense == "masked"))
     log_ratios = [math.log(s / d) for s, d in zip(search, dense, strict=True)]
     print(json.dumps({
         "model": config.model.name, "params": sum(p.numel() for p in run.model.parameters()),
@@ -161,7 +178,7 @@ def main() -> None:
         "ratio_median": round(statistics.median(math.exp(v) for v in log_ratios), 4),
         "ratio_geomean": round(math.exp(statistics.fmean(log_ratios)), 4),
         "ratio_upper95": round(upper_bound(log_ratios), 4), "pairs": len(log_ratios),
-        "freeze_period": config.search.freeze_period}))
+        "freeze_period": config.search.freeze_period, "dense": args.dense}))
 
 
 def repeat_in_processes(count: int) -> None:

@@ -107,3 +107,21 @@ def test_gpu_tables_print_benchmarks_tables_from_a_stored_gpu_session():
     assert any(row.startswith("| search | 150 |") for row in table_rows)
     for row in table_rows:
         assert row in benchmarks, row
+
+
+def test_source_digest_follows_the_files_not_git(tmp_path):
+    """The report names what ran by the code's bytes: a copy of the tree with a stale .git still tells."""
+    driver = load_driver()
+    (tmp_path / "gemminer").mkdir()
+    (tmp_path / "gemminer" / "masking.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gpu_check.sh").write_text("echo\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = driver.source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed, still not code")
+    assert driver.source_digest(tmp_path) == first
+    (tmp_path / "gemminer" / "masking.py").write_text("x = 2\n")
+    assert driver.source_digest(tmp_path) != first
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--source-digest"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == driver.source_digest()

@@ -1,0 +1,64 @@
+"""benchmarks/search_speed.py: its pairing, its bound and both kinds of dense training (the benchmark's
+numbers live in BENCHMARKS.md; this checks that it measures what it says, in seconds of tiny data)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch.nn.utils import parametrize
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "search_speed.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("search_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_abba_pairs_alternate_who_goes_first():
+    bench = load_benchmark()
+    order = bench.abba(3)
+    assert order == ["search", "dense", "dense", "search", "search", "dense"]
+    # after each search turn, the dense turns up to the next search: every dense turn is counted once
+    full = ["search", "dense", *order]
+    counts = bench.dense_turns_after_each_search(full)
+    assert counts == [1, 2, 0, 1] and sum(counts) == full.count("dense")
+
+
+def test_upper_bound_lies_above_the_geometric_mean():
+    bench = load_benchmark()
+    logs = [0.01, 0.05, 0.07, 0.03, 0.06, 0.02]
+    mean = sum(logs) / len(logs)
+    assert bench.upper_bound(logs) > 2.718281828 ** mean
+    assert bench.upper_bound([0.04] * 5) == pytest.approx(2.718281828 ** 0.04)
+
+
+@pytest.mark.parametrize("dense", ["unmasked", "masked"])
+def test_one_pair_runs_and_reports_its_settings(dense):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--pairs", "1", "--data-limit", "256", "--freeze-period",
+                           "1", "--dense", dense], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["dense"] == dense and result["freeze_period"] == 1 and result["pairs"] == 1
+    assert result["search_s_per_epoch"] > 0 and result["dense_s_per_epoch"] > 0 and result["ratio_median"] > 0
+
+
+def test_masked_dense_training_trains_a_ticket_at_the_run_density():
+    from gemminer.config import resolve
+    from gemminer.experiment import setup
+
+    bench = load_benchmark()
+    run = setup(resolve({"data": {"limit": 64}, "density": 0.1}))
+    model = bench.dense_model(run, masked=True)
+    masks = [module.parametrizations.weight[0].mask for module in model.modules()
+             if parametrize.is_parametrized(module, "weight")]
+    assert len(masks) == len(run.prunable)
+    kept = sum(float(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+    assert 0.08 < kept < 0.12
+    assert not any(parametrize.is_parametrized(module) for module in bench.dense_model(run, masked=False).modules())
