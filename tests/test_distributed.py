@@ -89,4 +89,7 @@ def test_a_run_rank_0_refuses_stops_every_rank(tmp_path, data_dir):
                                 env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.startswith("gemminer: error:")]
     assert result.returncode != 0
-    assert len(lines) == 2 and lines[0] == lines[1] and "in use" in lines[0], result.stderr[-2000:]
+    # both ranks stop with the same line; the first to exit makes torchrun end the other, which may not
+    # have printed its own yet (seen once in twenty runs), so one line or two equal ones
+    assert lines and all(line == lines[0] for line in lines) and "in use" in lines[0], result.stderr[-2000:]
+    assert len(lines) <= 2
