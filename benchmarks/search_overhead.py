@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gemminer.masking import ScoreMask, attach, prunable_names
+from gemminer.masking import ScoreMask, attach, attach_score_masks, prunable_names
 from gemminer.methods.gemminer import freeze_lowest, score_statistics
 from gemminer.models import build_model
 from gemminer.train import resolve_device
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=200, help="calls per timing round (5 rounds)")
+    parser.add_argument("--no-group", action="store_true",
+                        help="each layer's mask on its own, not in one ScoreMaskGroup (as the search runs)")
     args = parser.parse_args()
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
@@ -77,7 +79,8 @@ def main() -> None:
     for parameter in search.parameters():
         parameter.requires_grad_(False)
     names = prunable_names(search)
-    masks = list(attach(search, names, lambda name, weight: ScoreMask(
+    attach_masks = attach if args.no_group else attach_score_masks
+    masks = list(attach_masks(search, names, lambda name, weight: ScoreMask(
         torch.rand(weight.shape, generator=generator).to(weight.device))).values())
     scores = [mask.scores for mask in masks]
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -125,7 +128,7 @@ def main() -> None:
     result = {name: round(statistics.median(values), 4) for name, values in rounds.items()}
     extra = result["search_step_ms"] - result["dense_step_ms"]
     print(json.dumps({
-        "model": args.model, "device": str(device), "threads": torch.get_num_threads(),
+        "model": args.model, "grouped": not args.no_group, "device": str(device), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "batch": args.batch,
         "prunable_layers": len(names), "scores": total, "steps_per_epoch": -(-train_size // args.batch),
         **result, "search_over_dense_per_step": round(result["search_step_ms"] / result["dense_step_ms"], 4),

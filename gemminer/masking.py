@@ -134,10 +134,15 @@ class ScoreMask(nn.Module):
         self.scores = nn.Parameter(scores)
         self.register_buffer("alive", torch.ones_like(scores))
         self._weight_alive: tuple[tuple, Tensor] | None = None
+        self.group: ScoreMaskGroup | None = None  # set by ScoreMaskGroup.add
 
     def forward(self, weight: Tensor) -> Tensor:
         if weight.requires_grad or torch.compiler.is_compiling():
             return gem_mask(weight, self.scores, self.alive)  # in the graph (a compiled one fuses it)
+        if self.group is not None:
+            masked = self.group.masked(self, weight)
+            if masked is not None:
+                return masked
         return self.weight_alive(weight) * straight_through_threshold(self.scores)
 
     def weight_alive(self, weight: Tensor) -> Tensor:
@@ -150,6 +155,67 @@ class ScoreMask(nn.Module):
         if self._weight_alive is None or self._weight_alive[0] != key:
             self._weight_alive = (key, weight * self.alive)
         return self._weight_alive[1]
+
+
+class ScoreMaskGroup:
+    """The ScoreMasks of one network, computed together: w * r(s) * alive of every layer in six
+    `torch._foreach_*` calls (autograd included) when the first layer asks for its weight, handed out
+    as each layer asks. On a GPU that is a few launches for all layers instead of about eight per layer
+    and step, and on a CPU a few dispatches; the values and gradients are the layer-by-layer ones.
+
+    Kept while nothing changed (scores, flags, weights: version counters and storage; grad and inference
+    mode); a layer asking twice (a second forward, a tied weight) gets a fresh computation. A layer whose
+    weight is not the Parameter it was added with, or trains, is computed on its own. A plain object,
+    not a module: deep copies of a network copy it with their members, as `GlobalTopK`.
+    """
+
+    def __init__(self) -> None:
+        self.members: list[ScoreMask] = []
+        self.weights: list[Tensor] = []  # the frozen original weights (Parameters), by member
+        self._outputs: list[Tensor] = []
+        self._taken: list[bool] = []
+        self._tensors: list[Tensor] = []  # every member's scores, flags and weight, as last computed
+        self._modes: tuple | None = None  # grad mode, inference mode, sum of the tensors' versions
+        self._storage: list[tuple[int, int, int]] = []  # each member's tensors' data pointers
+
+    def add(self, member: ScoreMask, weight: Tensor) -> None:
+        member.group, member.group_index = self, len(self.members)
+        self.members.append(member)
+        self.weights.append(weight)
+        self._modes = None
+
+    def masked(self, member: ScoreMask, weight: Tensor) -> Tensor | None:
+        """`member`'s masked weight from the joint computation; None: compute it alone."""
+        index = member.group_index
+        if weight is not self.weights[index]:
+            return None
+        # versions only grow, so their sum moves whenever any tensor changed in place; a network moves
+        # whole (a device, a dtype), so the asking layer's storage tells whether it moved
+        if (self._modes != self._current_modes() or self._taken[index]
+                or self._storage[index] != (member.scores.data_ptr(), member.alive.data_ptr(), weight.data_ptr())):
+            self.compute()
+        self._taken[index] = True
+        return self._outputs[index]
+
+    def _current_modes(self) -> tuple:
+        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), sum(t._version for t in self._tensors))
+
+    def compute(self) -> None:
+        scores = [m.scores for m in self.members]
+        weight_alive = [m.weight_alive(w) for m, w in zip(self.members, self.weights, strict=True)]
+        with torch.no_grad():
+            # r(s) - s with r(s) = round(clamp(s, 0, 1)) = 1[s > 0.5], as `straight_through_threshold`
+            detached = [s.detach() for s in scores]
+            kept = torch._foreach_clamp_min(detached, 0.0)
+            torch._foreach_clamp_max_(kept, 1.0)
+            torch._foreach_round_(kept)
+            torch._foreach_sub_(kept, detached)
+        self._outputs = torch._foreach_mul(weight_alive, torch._foreach_add(scores, kept))
+        self._taken = [False] * len(self.members)
+        self._tensors = [t for m, w in zip(self.members, self.weights, strict=True) for t in (m.scores, m.alive, w)]
+        self._storage = [(m.scores.data_ptr(), m.alive.data_ptr(), w.data_ptr())
+                         for m, w in zip(self.members, self.weights, strict=True)]
+        self._modes = self._current_modes()
 
 
 class _SelectionSTE(torch.autograd.Function):
@@ -269,6 +335,16 @@ def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.
             parametrize.register_parametrization(user, attribute, parametrization)
         attached[name] = parametrization
     return attached
+
+
+def attach_score_masks(model: nn.Module, names: list[str], make: Callable[[str, Tensor], ScoreMask]
+                       ) -> dict[str, ScoreMask]:
+    """Gem-Miner's masks on the named weights (`attach`), computed together (`ScoreMaskGroup`)."""
+    masks = attach(model, names, make)
+    group = ScoreMaskGroup()
+    for name, mask in masks.items():
+        group.add(mask, original_weight(owner(model, name)))
+    return masks
 
 
 def tied_names(model: nn.Module, names: list[str]) -> dict[str, list[str]]:

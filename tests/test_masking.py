@@ -1,9 +1,21 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from gemminer.errors import GemminerError
-from gemminer.masking import ScoreMask, attach, attach_fixed_masks, gem_mask, prunable_names, remove_masks
+from gemminer.masking import (
+    ScoreMask,
+    ScoreMaskGroup,
+    attach,
+    attach_fixed_masks,
+    gem_mask,
+    original_weight,
+    owner,
+    prunable_names,
+    remove_masks,
+)
 
 
 def small_net():
@@ -68,3 +80,81 @@ def test_remove_masks_leaves_exact_zeros(device):
     remove_masks(net)
     assert type(net[4]) is nn.Linear
     assert (net[4].weight[~mask] == 0).all() and (net[4].weight[mask] != 0).all()
+
+
+def grouped_and_alone(device):
+    """Two copies of one network with the same scores (some exactly 0.5) and flags: the first computes its
+    masks in a ScoreMaskGroup, the second layer by layer."""
+    generator = torch.Generator().manual_seed(1)
+    nets, masks = [], []
+    for grouped in (True, False):
+        net = small_net().to(device)
+        for parameter in net.parameters():
+            parameter.requires_grad_(False)
+        scores = {name: torch.rand(net.get_submodule(name[0]).weight.shape, generator=generator)
+                  for name in ("0.weight", "4.weight")} if not masks else {n: m.scores.detach().cpu()
+                                                                             for n, m in masks[0].items()}
+        if not masks:
+            scores["4.weight"][0, :3] = 0.5
+        attached = attach(net, list(scores), lambda name, w, scores=scores: ScoreMask(scores[name].clone().to(device)))
+        attached["4.weight"].alive[1, :5] = 0
+        if grouped:
+            group = ScoreMaskGroup()
+            for name, mask in attached.items():
+                group.add(mask, original_weight(owner(net, name)))
+        nets.append(net)
+        masks.append(attached)
+    return nets, masks
+
+
+def test_group_gives_the_layerwise_values_and_gradients(device):
+    """The joint foreach computation is exact: the same masked weights and the same score gradients as
+    each layer alone, through forward and backward, after a step and a freezing event, and without grad."""
+    (grouped, alone), (grouped_masks, alone_masks) = grouped_and_alone(device)
+    x = torch.randn(6, 1, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    optimizers = [torch.optim.SGD([m.scores for m in masks.values()], lr=0.3, momentum=0.9)
+                  for masks in (grouped_masks, alone_masks)]
+    for step in range(3):
+        for net, optimizer in zip((grouped, alone), optimizers, strict=True):
+            optimizer.zero_grad()
+            net(x).square().sum().backward()
+        for name in grouped_masks:
+            assert torch.equal(grouped.get_submodule(name[0]).weight, alone.get_submodule(name[0]).weight)
+            assert torch.equal(grouped_masks[name].scores.grad, alone_masks[name].scores.grad), (step, name)
+        for optimizer, masks in zip(optimizers, (grouped_masks, alone_masks), strict=True):
+            optimizer.step()
+            with torch.no_grad():
+                for mask in masks.values():
+                    mask.scores.clamp_(0, 1)
+                    if step == 1:  # a freezing event changes the flags in place
+                        mask.alive[0] = 0
+    with torch.no_grad():
+        assert torch.equal(grouped(x), alone(x))
+    group = grouped_masks["0.weight"].group
+    assert group is not None and alone_masks["0.weight"].group is None
+    assert grouped[0].weight is group._outputs[0]  # handed out from the joint computation
+
+
+def test_group_recomputes_when_asked_twice_and_falls_back_for_other_weights(device):
+    (grouped, _), (masks, _) = grouped_and_alone(device)
+    group = masks["0.weight"].group
+    x = torch.randn(4, 1, 8).to(device)
+    grouped(x).sum().backward()
+    grouped(x).sum().backward()  # no step between: a fresh graph, not the freed one
+    first = grouped[4].weight
+    assert grouped[4].weight is not first  # asked twice: computed again
+    other = torch.randn_like(masks["4.weight"].scores)
+    assert group.masked(masks["4.weight"], other) is None  # not the weight it was added with
+    alone = masks["4.weight"](other)
+    assert torch.equal(alone, other * (masks["4.weight"].scores > 0.5) * masks["4.weight"].alive)
+
+
+def test_a_deep_copy_keeps_its_own_group(device):
+    (grouped, _), (masks, _) = grouped_and_alone(device)
+    twin = copy.deepcopy(grouped)
+    twin_masks = [m for m in twin.modules() if isinstance(m, ScoreMask)]
+    assert twin_masks[0].group is twin_masks[1].group is not masks["0.weight"].group
+    with torch.no_grad():
+        twin_masks[0].scores.fill_(1.0)
+    assert torch.equal(twin[0].weight, twin[0].parametrizations.weight.original * twin_masks[0].alive)
+    assert not torch.equal(grouped[0].weight, twin[0].weight)  # the original kept its own scores

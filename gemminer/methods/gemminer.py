@@ -21,7 +21,7 @@ from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import ScoreMask, attach, largest
+from gemminer.masking import ScoreMask, attach_score_masks, largest
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
 from gemminer.train import Batch
@@ -129,7 +129,7 @@ class GemMiner(PruningMethod):
                 scores = torch.ones(weight.shape, dtype=weight.dtype)
             return ScoreMask(scores.to(weight.device))
 
-        score_masks = list(attach(net, names, make_scores).values())
+        score_masks = list(attach_score_masks(net, names, make_scores).values())
         scores = [mask.scores for mask in score_masks]
         total = sum(s.numel() for s in scores)
         schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
