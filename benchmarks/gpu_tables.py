@@ -4,7 +4,8 @@
 
 The folder holds `gpu_check.json` (`bash benchmarks/gpu_check.sh`) and, where a full-length run was made,
 `paper-run-metrics.csv` (a `gemminer mine` run's metrics.csv, possibly cut short by its time limit), and
-`search_speed.txt` where `benchmarks/search_speed.py` ran there too (its JSON line).
+`search_speed.txt` where `benchmarks/search_speed.py` ran there too (its JSON line), and `search_overhead*.txt`
+where `benchmarks/search_overhead.py` did (JSON lines, each maybe after a label: `old {...}`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ def number(value: float | None) -> str:
     return f"{value:,.0f}" if value is not None else "n/a"
 
 
+def overhead_table(path: Path) -> str:
+    """One row per `search_overhead.py` line: the search's extra per step and its pieces."""
+    lines = ["| run | model | masks | dense step ms | search step ms | search : dense | mask fwd+bwd ms | clamp ms "
+             "| freezing event ms | epoch statistics ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for number, line in enumerate((text for text in path.read_text().splitlines() if "{" in text), start=1):
+        label, _, payload = line.partition("{")
+        row = json.loads("{" + payload)
+        masks = "grouped" if row.get("grouped", False) else "layer by layer"
+        lines.append(f"| {number}{' ' + label.strip() if label.strip() else ''} | {row['model']} | {masks} | "
+                     f"{row['dense_step_ms']:.2f} | {row['search_step_ms']:.2f} | "
+                     f"{row['search_over_dense_per_step']:.2f} | {row['masked_weights_ms']:.2f} | "
+                     f"{row['clamp_ms']:.3f} | {row['freezing_event_ms']:.1f} | {row['epoch_statistics_ms']:.2f} |")
+    return "\n".join(lines)
+
+
 def paper_run_table(path: Path) -> str:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -115,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"every {result.get('freeze_period', 1)} epoch(s), {result['pairs']} pairs): search "
                   f"{result['search_s_per_epoch']} s/epoch, dense {result['dense_s_per_epoch']} s/epoch, ratio "
                   f"{result['ratio_median']} (upper 95% {result['ratio_upper95']}).")
+    for path in sorted(args.folder.glob("search_overhead*.txt")):
+        print(f"\n{path.name}:\n\n" + overhead_table(path))
     paper = args.folder / "paper-run-metrics.csv"
     if paper.is_file():
         print("\n" + paper_run_table(paper))
