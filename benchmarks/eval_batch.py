@@ -50,6 +50,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="inputs per pass (default: the test split's size)")
     parser.add_argument("--width", type=int, default=None, help="the model's width (default: its own)")
     args = parser.parse_args()
+    optional = [value for value in (args.samples, args.width) if value is not None]
+    if min([args.repeats, *optional]) < 1:
+        parser.error("--repeats, --samples and --width must be at least 1")
+    try:
+        batches = [int(batch) for batch in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches takes comma-separated whole numbers, got {args.batches!r}")
+    if min(batches) < 1:
+        parser.error("every --batches size must be at least 1")
     unknown = sorted(set(args.model.split(",")) - set(SHAPES))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
@@ -57,7 +66,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for name in args.model.split(","):
         shape, classes, count = SHAPES[name]
-        count = args.samples or count
+        count = args.samples if args.samples is not None else count
         model = build_model(name, shape, classes, width=args.width).to(device)
         inputs = torch.randn((count, *shape), generator=generator).to(device)
         channels_last = device.type == "cuda" and len(shape) == 3
@@ -65,8 +74,8 @@ def main() -> None:
             model = model.to(memory_format=torch.channels_last)
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         targets = torch.randint(0, classes, (count,), generator=generator).to(device)
-        seconds = {batch: round(seconds_per_pass(model, inputs, targets, int(batch), args.repeats), 4)
-                   for batch in args.batches.split(",")}
+        seconds = {str(batch): round(seconds_per_pass(model, inputs, targets, batch, args.repeats), 4)
+                   for batch in batches}
         print(json.dumps({"model": name, "samples": count, "device": str(device), "threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "channels_last": channels_last, "seconds_per_pass": seconds}))

@@ -27,9 +27,10 @@ def check_tables(report: dict[str, Any]) -> str:
     smoke = steps["smoke"].get("details", {})
     lines = [f"Card: {smoke.get('nvidia_smi', smoke.get('device_name', '?'))}; PyTorch {smoke.get('torch')}, "
              f"CUDA {smoke.get('cuda_version')}, cuDNN {smoke.get('cudnn')}, Python {smoke.get('python')}.", ""]
-    invocation = report.get("invocations", [{}])[0]
-    if invocation.get("source_digest"):
-        lines[0] += f" Code: source digest {invocation['source_digest']}."
+    digests = [invocation["source_digest"] for invocation in report.get("invocations") or []
+               if invocation.get("source_digest")]
+    if digests:  # one per invocation (--only reruns may have run other code)
+        lines[0] += f" Code: source digest {', '.join(dict.fromkeys(digests))}."
     lines += ["| step | status | seconds |", "|---|---|---|"]
     for name, entry in steps.items():
         detail = ""
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(lines[-1])
             print(f"\nsearch_speed.py ({result['model']}, {result['train_samples']:,} images per epoch, freezing "
                   f"every {result.get('freeze_period', 1)} epoch(s), {result['pairs']} pairs): search "
-                  f"{result['search_s_per_epoch']} s/epoch, dense {result['dense_s_per_epoch']} s/epoch, ratio "
-                  f"{result['ratio_median']} (upper 95% {result['ratio_upper95']}).")
+                  f"{result['search_s_per_epoch']} s/epoch, dense ({result.get('dense', 'unmasked')}) "
+                  f"{result['dense_s_per_epoch']} s/epoch, ratio {result['ratio_median']} (upper 95% "
+                  f"{result['ratio_upper95']}).")
     for path in sorted(args.folder.glob("search_overhead*.txt")):
         print(f"\n{path.name}:\n\n" + overhead_table(path))
     paper = args.folder / "paper-run-metrics.csv"

@@ -9,6 +9,7 @@ Masks are attached as parametrizations, so the user's own layers keep working an
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 
 import torch
@@ -146,15 +147,30 @@ class ScoreMask(nn.Module):
         return self.weight_alive(weight) * straight_through_threshold(self.scores)
 
     def weight_alive(self, weight: Tensor) -> Tensor:
-        """``w * alive`` of a fixed weight, kept until the weight or the flags change (a freezing
-        event, a restored checkpoint, a device move: seen in version counters and storage): the
-        search's weights are fixed, so this saves one multiplication per layer and step."""
+        """``w * alive`` of a fixed weight (no gradient to it), kept until the weight or the flags change
+        (a freezing event, a restored checkpoint, a device move: seen in version counters and storage;
+        a write through ``.data`` bypasses them, so `release` after one): the search's weights are
+        fixed, so this saves one multiplication per layer and step."""
+        if weight.is_inference() or self.alive.is_inference():  # they keep no version counter
+            with torch.no_grad():
+                return weight * self.alive
         # inference mode too: a tensor made under it cannot be saved for a later backward
         key = (weight._version, weight.data_ptr(), weight.dtype, self.alive._version, self.alive.data_ptr(),
                torch.is_inference_mode_enabled())
         if self._weight_alive is None or self._weight_alive[0] != key:
-            self._weight_alive = (key, weight * self.alive)
+            with torch.no_grad():  # a constant: a weight that trains takes `gem_mask`, not this
+                self._weight_alive = (key, weight * self.alive)
         return self._weight_alive[1]
+
+    def release(self) -> None:
+        """Forget the kept ``w * alive``."""
+        self._weight_alive = None
+
+
+def _saved_tensor_hooks() -> object:
+    """The innermost saved-tensor hooks in force (activation checkpointing sets some), or None."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
 
 
 class ScoreMaskGroup:
@@ -164,19 +180,18 @@ class ScoreMaskGroup:
     and step, and on a CPU a few dispatches; the values and gradients are the layer-by-layer ones.
 
     Kept while nothing changed (scores, flags, weights: version counters and storage; grad and inference
-    mode); a layer asking twice (a second forward, a tied weight) gets a fresh computation. A layer whose
-    weight is not the Parameter it was added with, or trains, is computed on its own. A plain object,
-    not a module: deep copies of a network copy it with their members, as `GlobalTopK`.
+    mode) and no backward has run through it; a layer asking twice (a second forward, a tied weight)
+    gets a fresh computation. A layer computes alone where the group cannot serve it: its weight is not
+    the Parameter it was added with or trains, inference tensors or inference mode, saved-tensor hooks
+    (activation checkpointing recomputes one region at a time). Writes through ``.data`` bypass the
+    version counters: `release` after one. A plain object, not a module; a deep copy of a network gets
+    its own group, without the computed tensors.
     """
 
     def __init__(self) -> None:
         self.members: list[ScoreMask] = []
         self.weights: list[Tensor] = []  # the frozen original weights (Parameters), by member
-        self._outputs: list[Tensor] = []
-        self._taken: list[bool] = []
-        self._tensors: list[Tensor] = []  # every member's scores, flags and weight, as last computed
-        self._modes: tuple | None = None  # grad mode, inference mode, sum of the tensors' versions
-        self._storage: list[tuple[int, int, int]] = []  # each member's tensors' data pointers
+        self._reset()
 
     def add(self, member: ScoreMask, weight: Tensor) -> None:
         member.group, member.group_index = self, len(self.members)
@@ -184,16 +199,44 @@ class ScoreMaskGroup:
         self.weights.append(weight)
         self._modes = None
 
+    def release(self) -> None:
+        """Forget everything computed (the next layer to ask computes afresh): the end of a search,
+        or after writing through ``.data``."""
+        self._reset()
+        for member in self.members:
+            member.release()
+
+    def _reset(self) -> None:
+        self._outputs: list[Tensor] = []
+        self._taken: list[bool] = []
+        self._tensors: list[Tensor] = []  # every member's scores, flags and weight, as last computed
+        self._modes: tuple | None = None  # grad mode, inference mode, sum of the tensors' versions
+        self._storage: list[tuple[int, int, int]] = []  # each member's tensors' data pointers
+
+    def __deepcopy__(self, memo: dict) -> ScoreMaskGroup:
+        copied = ScoreMaskGroup.__new__(ScoreMaskGroup)
+        memo[id(self)] = copied
+        copied.members = copy.deepcopy(self.members, memo)
+        copied.weights = copy.deepcopy(self.weights, memo)
+        copied._reset()  # the members may still be half copied: their own caches key on storage anyway
+        return copied
+
     def masked(self, member: ScoreMask, weight: Tensor) -> Tensor | None:
         """`member`'s masked weight from the joint computation; None: compute it alone."""
         index = member.group_index
-        if weight is not self.weights[index]:
+        if (weight is not self.weights[index] or torch.is_inference_mode_enabled() or weight.is_inference()
+                or _saved_tensor_hooks() is not None):
             return None
-        # versions only grow, so their sum moves whenever any tensor changed in place; a network moves
-        # whole (a device, a dtype), so the asking layer's storage tells whether it moved
-        if (self._modes != self._current_modes() or self._taken[index]
-                or self._storage[index] != (member.scores.data_ptr(), member.alive.data_ptr(), weight.data_ptr())):
-            self.compute()
+        try:
+            # versions only grow, so their sum moves whenever any tensor changed in place; a network moves
+            # whole (a device, a dtype), so the asking layer's storage tells whether it moved
+            if (self._modes != self._current_modes() or self._taken[index]
+                    or self._storage[index] != (member.scores.data_ptr(), member.alive.data_ptr(),
+                                                weight.data_ptr())):
+                self.compute()
+        except RuntimeError:  # a member's tensor became an inference tensor (no version counter)
+            self.release()
+            return None
         self._taken[index] = True
         return self._outputs[index]
 
@@ -216,6 +259,12 @@ class ScoreMaskGroup:
         self._storage = [(m.scores.data_ptr(), m.alive.data_ptr(), w.data_ptr())
                          for m, w in zip(self.members, self.weights, strict=True)]
         self._modes = self._current_modes()
+        node = self._outputs[0].grad_fn if self._outputs else None
+        if node is not None:  # one node for every layer: once a backward ran through it, its graph is gone
+            node.register_prehook(self._forget_graph)
+
+    def _forget_graph(self, grad_outputs: object) -> None:
+        self._modes = None
 
 
 class _SelectionSTE(torch.autograd.Function):
@@ -337,14 +386,26 @@ def attach(model: nn.Module, names: list[str], make: Callable[[str, Tensor], nn.
     return attached
 
 
-def attach_score_masks(model: nn.Module, names: list[str], make: Callable[[str, Tensor], ScoreMask]
-                       ) -> dict[str, ScoreMask]:
-    """Gem-Miner's masks on the named weights (`attach`), computed together (`ScoreMaskGroup`)."""
+def attach_score_masks(model: nn.Module, names: list[str], make: Callable[[str, Tensor], ScoreMask],
+                       grouped: bool = True) -> dict[str, ScoreMask]:
+    """Gem-Miner's masks on the named weights (`attach`), computed together (`ScoreMaskGroup`) unless
+    not `grouped`: under DDP each layer's own backward node lets its gradients' all-reduce start while
+    the backward goes on, where one node for all layers would hold every score gradient to the end."""
     masks = attach(model, names, make)
-    group = ScoreMaskGroup()
-    for name, mask in masks.items():
-        group.add(mask, original_weight(owner(model, name)))
+    if grouped:
+        group = ScoreMaskGroup()
+        for name, mask in masks.items():
+            group.add(mask, original_weight(owner(model, name)))
     return masks
+
+
+def release_score_masks(masks: list[ScoreMask]) -> None:
+    """Forget what the masks keep computed (their group's tensors, w x alive): a network handed back
+    after a search holds only its own weights, scores and flags."""
+    for mask in masks:
+        if mask.group is not None:
+            mask.group.release()
+        mask.release()
 
 
 def tied_names(model: nn.Module, names: list[str]) -> dict[str, list[str]]:

@@ -10,10 +10,12 @@ from gemminer.masking import (
     ScoreMaskGroup,
     attach,
     attach_fixed_masks,
+    attach_score_masks,
     gem_mask,
     original_weight,
     owner,
     prunable_names,
+    release_score_masks,
     remove_masks,
 )
 
@@ -158,3 +160,60 @@ def test_a_deep_copy_keeps_its_own_group(device):
         twin_masks[0].scores.fill_(1.0)
     assert torch.equal(twin[0].weight, twin[0].parametrizations.weight.original * twin_masks[0].alive)
     assert not torch.equal(grouped[0].weight, twin[0].weight)  # the original kept its own scores
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.left, self.right = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, head: str = "both", checkpointed: bool | None = None) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = self.trunk(x) if checkpointed is None else checkpoint(self.trunk, x, use_reentrant=checkpointed)
+        return {"left": self.left(x), "right": self.right(x), "both": self.left(x) + self.right(x)}[head]
+
+
+def two_heads(grouped: bool, trainable: str | None = None):
+    torch.manual_seed(0)
+    net = TwoHeads()
+    for name, parameter in net.named_parameters():
+        parameter.requires_grad_(name == trainable)
+    generator = torch.Generator().manual_seed(1)
+    names = ["trunk.weight", "left.weight", "right.weight"]
+    masks = attach_score_masks(net, names, lambda name, w: ScoreMask(torch.rand(w.shape, generator=generator)),
+                               grouped=grouped)
+    return net, masks
+
+
+@pytest.mark.parametrize("case", ["heads in turn", "checkpoint", "checkpoint reentrant", "trainable weight"])
+def test_group_agrees_with_layers_alone_where_one_graph_would_not_do(case):
+    """Backward runs that the group's one shared node could break: heads used in turn with the gradients
+    accumulated, activation checkpointing, a weight that trains: the group path gives the gradients of
+    the layer-by-layer path, without autograd errors."""
+    grads = []
+    for grouped in (True, False):
+        net, masks = two_heads(grouped, trainable="left.weight" if case == "trainable weight" else None)
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), requires_grad=case.startswith("checkpoint"))
+        checkpointed = {"checkpoint": False, "checkpoint reentrant": True}.get(case)
+        heads = ["left", "right", "both"] if case != "trainable weight" else ["both", "both", "left"]
+        for head in heads:
+            net(x, head, checkpointed).square().sum().backward()
+        grads.append([masks[name].scores.grad.clone() for name in masks])
+        if case == "trainable weight":
+            grads[-1].append(net.left.parametrizations.weight.original.grad.clone())
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_group_after_inference_mode_and_a_search_network_holds_no_computed_tensors():
+    net, masks = two_heads(grouped=True)
+    x = torch.randn(2, 4)
+    net(x).sum().backward()
+    copy.deepcopy(net)  # with the group's outputs still in a graph
+    with torch.inference_mode():
+        net.double()  # every tensor an inference tensor: no version counters
+        inferred = net(x.double())
+    assert torch.equal(net(x.double()), inferred)
+    release_score_masks(list(masks.values()))
+    group = masks["trunk.weight"].group
+    assert group._outputs == [] and all(mask._weight_alive is None for mask in masks.values())

@@ -21,7 +21,7 @@ from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import ScoreMask, attach_score_masks, largest
+from gemminer.masking import ScoreMask, attach_score_masks, largest, release_score_masks
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
 from gemminer.train import Batch
@@ -129,7 +129,7 @@ class GemMiner(PruningMethod):
                 scores = torch.ones(weight.shape, dtype=weight.dtype)
             return ScoreMask(scores.to(weight.device))
 
-        score_masks = list(attach_score_masks(net, names, make_scores).values())
+        score_masks = list(attach_score_masks(net, names, make_scores, grouped=not distributed.active()).values())
         scores = [mask.scores for mask in score_masks]
         total = sum(s.numel() for s in scores)
         schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
@@ -155,6 +155,7 @@ class GemMiner(PruningMethod):
                                   momentum=config.momentum, weight_decay=2 * config.reg_lambda,
                                   lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch, after_step=clamp_scores,
                                   log=log, recalibration=recalibration, checkpoint=checkpoint, test=test)
+        release_score_masks(score_masks)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         pairs = list(zip(names, score_masks, strict=True))
         alive_masks = {name: m.alive.bool() for name, m in pairs}
