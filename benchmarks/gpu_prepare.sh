@@ -60,4 +60,4 @@ print(f"in all: {total / MiB:.1f} MiB of the 64 MiB that may travel")
 if total > 64 * MiB:
     raise SystemExit("gpu_prepare: over the limit")
 PY
-echo 'next, on the GPU machine: bash benchmarks/gpu_check.sh   (device tool: carry=["gpu-carry"], timeout_s=360)'
+echo 'next, on the GPU machine: bash benchmarks/gpu_check.sh   (device tool: carry=["gpu-carry"], timeout_s=400)'
