@@ -57,7 +57,9 @@ def enable_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn
 
 def forward(model: nn.Module, inputs: Tensor, eager: bool = False) -> Tensor:
     """model(inputs), under autocast where `enable_autocast` asked for it; logits in fp32. Inside
-    `compiled`, the compiled forward of `model` runs instead (unless `eager`)."""
+    `compiled`, the compiled forward of `model` runs instead (unless `eager`: the training and evaluation
+    loops run a batch shorter than the first eagerly, rather than compile a graph for the last batch's
+    shape, which took about 15 s per loop on a GPU for one step per epoch)."""
     run = model if eager else _COMPILED.get(id(model), model)
     dtype = getattr(getattr(model, "module", model), AUTOCAST_ATTRIBUTE, None)  # through a DDP wrapper
     if dtype is None:
@@ -86,8 +88,8 @@ def _compile_forward(module: nn.Module, mode: str | None) -> Callable[[Tensor], 
     def call(inputs: Tensor) -> Tensor:
         return module(inputs)
 
-    # static shapes: a graph per batch shape (the full batch, the last partial one, the evaluation
-    # batches), each compiled once, rather than slower graphs for any size
+    # static shapes: a graph per batch shape (the training batch, the evaluation batch; a shorter last
+    # batch runs eagerly, `forward`), each compiled once, rather than slower graphs for any size
     compiled_call = torch.compile(_own_code(call), mode=mode, dynamic=False)
     if mode != "reduce-overhead":
         return compiled_call
@@ -214,10 +216,12 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     device = model_device(model)
     model.train()
     running = EpochProgress.start(device, resume)
+    full = None  # the epoch's batch size: a shorter (last) batch runs eagerly, not as a graph of its own
     for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress,
                                 initial=running.steps, total=len(batches) if hasattr(batches, "__len__") else None):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = forward(model, inputs)
+        full = full or len(inputs)
+        logits = forward(model, inputs, eager=len(inputs) < full)
         loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,10 +339,11 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> EpochStats:
     device = model_device(model)
     was_training = model.training
     model.eval()
-    loss_sum, correct, samples = 0.0, 0, 0
+    loss_sum, correct, samples, full = 0.0, 0, 0, None
     for inputs, targets in batches:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = forward(model, inputs)
+        full = full or len(inputs)
+        logits = forward(model, inputs, eager=len(inputs) < full)  # the last, shorter batch: eagerly
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += int((logits.argmax(1) == targets).sum())
         samples += len(targets)
