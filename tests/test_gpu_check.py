@@ -130,3 +130,23 @@ def test_source_digest_follows_the_files_not_git(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--source-digest"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == driver.source_digest()
+
+
+def test_gpu_tables_print_what_a_report_lacks_as_n_a(tmp_path):
+    """A report cut short or an unmeasurable figure (evaluation within the noise) prints n/a, not a crash."""
+    report = {"steps": {"smoke": {"status": "ok", "details": {"nvidia_smi": "card"}},
+                        "speed": {"status": "ok", "details": {"fp32": {
+                            "search_img_per_s": 100.0, "dense_train_img_per_s": 120.0, "eval_img_per_s": None,
+                            "projected_paper_run_min": 3.0}}},
+                        "compile": {"status": "skipped"}},
+              "invocations": []}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(report))
+    (tmp_path / "search_overhead.txt").write_text('old {"model": "cnn1d", "dense_step_ms": 2.0, "search_step_ms": 2.5, '
+                                                  '"search_over_dense_per_step": 1.25, "masked_weights_ms": 0.4, '
+                                                  '"clamp_ms": 0.02, "freezing_event_ms": 3.0, '
+                                                  '"epoch_statistics_ms": 0.8}\n')
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_tables.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "| eager fp32 | 100 | 120 | n/a | 1.20 | 3.0 min |" in done.stdout
+    assert "| 1 old | cnn1d | layer by layer | 2.00 | 2.50 | 1.25 |" in done.stdout

@@ -62,3 +62,11 @@ def test_masked_dense_training_trains_a_ticket_at_the_run_density():
     kept = sum(float(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
     assert 0.08 < kept < 0.12
     assert not any(parametrize.is_parametrized(module) for module in bench.dense_model(run, masked=False).modules())
+
+
+def test_eval_batch_refuses_bad_sizes_in_one_line():
+    script = REPO / "benchmarks" / "eval_batch.py"
+    for args in (["--samples", "0"], ["--repeats", "0"], ["--batches", "128,x"], ["--batches", "0"],
+                 ["--model", "vgg"]):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "error:" in done.stderr.splitlines()[-1], (args, done.stderr[-300:])
