@@ -2,11 +2,14 @@
 with a confidence bound tight enough to tell 1.05 from 1.10.
 
     python benchmarks/search_speed.py [--model cnn1d] [--pairs 30] [--processes 6] [--compile] [--profile 3]
+    python benchmarks/search_speed.py --dense masked [--freeze-period 5]
     python benchmarks/search_speed.py --data cifar10 --data-dir DIR --data-limit 2560 --model resnet20
 
-The search is the real one (`GemMiner.search`); dense training is fine-tuning's pass (`train_epoch`
-with fine-tuning's SGD and schedule) over all weights, unmasked. They take turns one epoch at a time
-in one thread: search, dense, dense, search, search, dense, ... (ABBA, so that neither always runs
+The search is the real one (`GemMiner.search`, a freezing event every `--freeze-period` epochs: 1 by
+default, the most it can cost); dense training is fine-tuning's pass (`train_epoch` with fine-tuning's
+SGD and schedule) over all weights, unmasked, or with `--dense masked` through a fixed mask at the run's
+density, as fine-tuning trains a ticket (and as the GPU check's "dense training" is). They take turns
+one epoch at a time in one thread: search, dense, dense, search, search, dense, ... (ABBA, so that neither always runs
 first), so drift in machine load hits both alike. Each pair of turns gives a ratio of seconds
 (search / dense); the first pair, which warms up (and compiles), is dropped. Printed as one JSON
 line: the median ratio, the geometric mean and a one-sided 95% upper bound on it (bootstrap over
