@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gemminer.masking import ScoreMask, attach, attach_score_masks, prunable_names
-from gemminer.methods.gemminer import freeze_lowest, score_statistics
+from gemminer.masking import ScoreMask, attach, attach_score_masks, owner, prunable_names
+from gemminer.methods.gemminer import clamp_scores, freeze_lowest, score_statistics
 from gemminer.models import build_model
 from gemminer.train import resolve_device
 
@@ -86,10 +86,8 @@ def main() -> None:
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     score_optimizer = torch.optim.SGD(scores, lr=0.1, momentum=0.9, weight_decay=2e-4)
 
-    @torch.no_grad()
-    def clamp() -> None:  # as GemMiner's after_step
-        torch._foreach_clamp_min_(scores, 0.0)
-        torch._foreach_clamp_max_(scores, 1.0)
+    def clamp() -> None:  # GemMiner's after_step
+        clamp_scores(scores)
 
     def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, after: Callable[[], None] | None) -> None:
         loss = F.cross_entropy(model(inputs), targets)
@@ -99,7 +97,7 @@ def main() -> None:
         if after is not None:
             after()
 
-    layers = [search.get_submodule(name.rsplit(".", 1)[0]) if "." in name else search for name in names]
+    layers = [owner(search, name) for name in names]
     weight_grads = [torch.randn_like(mask.scores) for mask in masks]
 
     def masked_weights() -> None:

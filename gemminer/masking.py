@@ -402,9 +402,9 @@ def attach_score_masks(model: nn.Module, names: list[str], make: Callable[[str, 
 def release_score_masks(masks: list[ScoreMask]) -> None:
     """Forget what the masks keep computed (their group's tensors, w x alive): a network handed back
     after a search holds only its own weights, scores and flags."""
+    for group in {id(mask.group): mask.group for mask in masks if mask.group is not None}.values():
+        group.release()
     for mask in masks:
-        if mask.group is not None:
-            mask.group.release()
         mask.release()
 
 

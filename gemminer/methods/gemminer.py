@@ -98,6 +98,14 @@ def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> N
 
 
 @torch.no_grad()
+def clamp_scores(scores: list[torch.Tensor]) -> None:
+    """Every score into [0, 1] in place, after each optimizer step: min(max(s, 0), 1) over all tensors in
+    two calls (on a GPU two kernel launches, not one per layer); the values of a clamp_(0, 1) per tensor."""
+    torch._foreach_clamp_min_(scores, 0.0)
+    torch._foreach_clamp_max_(scores, 1.0)
+
+
+@torch.no_grad()
 def score_statistics(masks: list[ScoreMask]) -> tuple[int, int, float]:
     """(alive weights, weights alive and rounded on, sum of squared scores) over all layers. Each layer's
     three sums come back in one transfer (on a GPU one synchronisation, not three per layer) and are added
@@ -134,13 +142,6 @@ class GemMiner(PruningMethod):
         total = sum(s.numel() for s in scores)
         schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
 
-        @torch.no_grad()
-        def clamp_scores() -> None:
-            # min(max(s, 0), 1) over every score tensor in two calls (on a GPU, two kernel launches
-            # instead of one per layer); the same values as a clamp_(0, 1) per tensor
-            torch._foreach_clamp_min_(scores, 0.0)
-            torch._foreach_clamp_max_(scores, 1.0)
-
         def end_of_epoch(epoch: int) -> dict[str, Any]:
             if epoch in schedule:
                 freeze_lowest(score_masks, schedule[epoch], highest=config.freeze == "highest")
@@ -153,7 +154,8 @@ class GemMiner(PruningMethod):
         # (both add decay * s to the gradient), without an extra pass over every score per step.
         history = self.fit_scores(net, scores, train, epochs=config.epochs, optimizer=config.optimizer, lr=config.lr,
                                   momentum=config.momentum, weight_decay=2 * config.reg_lambda,
-                                  lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch, after_step=clamp_scores,
+                                  lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch,
+                                  after_step=lambda: clamp_scores(scores),
                                   log=log, recalibration=recalibration, checkpoint=checkpoint, test=test)
         release_score_masks(score_masks)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
