@@ -173,11 +173,22 @@ def _saved_tensor_hooks() -> object:
     return top(False) if top is not None else None
 
 
+def _grad_modes() -> tuple[bool, bool]:
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def _tensor_key(*tensors: Tensor) -> tuple[int, ...]:
+    """Versions and data pointers: they change with any in-place write (not one through ``.data``) and
+    any move. Raises RuntimeError for an inference tensor, which keeps no version counter."""
+    return tuple(value for tensor in tensors for value in (tensor._version, tensor.data_ptr()))
+
+
 class ScoreMaskGroup:
-    """The ScoreMasks of one network, computed together: w * r(s) * alive of every layer in six
-    `torch._foreach_*` calls (autograd included) when the first layer asks for its weight, handed out
-    as each layer asks. On a GPU that is a few launches for all layers instead of about eight per layer
-    and step, and on a CPU a few dispatches; the values and gradients are the layer-by-layer ones.
+    """The ScoreMasks of one network, computed together: w * r(s) * alive of every layer in four
+    `torch._foreach_*` calls and one autograd node (`_GroupedGemMask`; one more call in the backward)
+    when the first layer asks for its weight, handed out as each layer asks. On a GPU that is a few
+    launches for all layers instead of about eight per layer and step, and on a CPU fewer passes over
+    the scores; the values and gradients are the layer-by-layer ones.
 
     Kept while nothing changed (scores, flags, weights: version counters and storage; grad and inference
     mode) and no backward has run through it; a layer asking twice (a second forward, a tied weight)
@@ -209,9 +220,8 @@ class ScoreMaskGroup:
     def _reset(self) -> None:
         self._outputs: list[Tensor] = []
         self._taken: list[bool] = []
-        self._tensors: list[Tensor] = []  # every member's scores, flags and weight, as last computed
-        self._modes: tuple | None = None  # grad mode, inference mode, sum of the tensors' versions
-        self._storage: list[tuple[int, int, int]] = []  # each member's tensors' data pointers
+        self._keys: list[tuple[int, ...]] = []  # each member's `_tensor_key` of scores, flags and weight
+        self._modes: tuple | None = None  # grad mode and inference mode as last computed; None: compute
 
     def __deepcopy__(self, memo: dict) -> ScoreMaskGroup:
         copied = ScoreMaskGroup.__new__(ScoreMaskGroup)
@@ -228,11 +238,10 @@ class ScoreMaskGroup:
                 or _saved_tensor_hooks() is not None):
             return None
         try:
-            # versions only grow, so their sum moves whenever any tensor changed in place; a network moves
-            # whole (a device, a dtype), so the asking layer's storage tells whether it moved
-            if (self._modes != self._current_modes() or self._taken[index]
-                    or self._storage[index] != (member.scores.data_ptr(), member.alive.data_ptr(),
-                                                weight.data_ptr())):
+            # a layer's output depends on its own scores, flags and weight alone: their versions (which
+            # grow at every in-place change) and storage (a device or dtype move) tell whether it holds
+            if (self._modes != _grad_modes() or self._taken[index]
+                    or self._keys[index] != _tensor_key(member.scores, member.alive, weight)):
                 self.compute()
         except RuntimeError:  # a member's tensor became an inference tensor (no version counter)
             self.release()
@@ -240,31 +249,49 @@ class ScoreMaskGroup:
         self._taken[index] = True
         return self._outputs[index]
 
-    def _current_modes(self) -> tuple:
-        return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), sum(t._version for t in self._tensors))
-
     def compute(self) -> None:
         scores = [m.scores for m in self.members]
+        alive = [m.alive for m in self.members]
         weight_alive = [m.weight_alive(w) for m, w in zip(self.members, self.weights, strict=True)]
-        with torch.no_grad():
-            # r(s) - s with r(s) = round(clamp(s, 0, 1)) = 1[s > 0.5], as `straight_through_threshold`
-            detached = [s.detach() for s in scores]
-            kept = torch._foreach_clamp_min(detached, 0.0)
-            torch._foreach_clamp_max_(kept, 1.0)
-            torch._foreach_round_(kept)
-            torch._foreach_sub_(kept, detached)
-        self._outputs = torch._foreach_mul(weight_alive, torch._foreach_add(scores, kept))
+        self._outputs = list(_GroupedGemMask.apply(len(self.members), *scores, *weight_alive))
         self._taken = [False] * len(self.members)
-        self._tensors = [t for m, w in zip(self.members, self.weights, strict=True) for t in (m.scores, m.alive, w)]
-        self._storage = [(m.scores.data_ptr(), m.alive.data_ptr(), w.data_ptr())
-                         for m, w in zip(self.members, self.weights, strict=True)]
-        self._modes = self._current_modes()
+        self._keys = [_tensor_key(*tensors) for tensors in zip(scores, alive, self.weights, strict=True)]
+        self._modes = _grad_modes()
         node = self._outputs[0].grad_fn if self._outputs else None
         if node is not None:  # one node for every layer: once a backward ran through it, its graph is gone
             node.register_prehook(self._forget_graph)
 
     def _forget_graph(self, grad_outputs: object) -> None:
         self._modes = None
+
+
+class _GroupedGemMask(torch.autograd.Function):
+    """w * alive * r(s) of every layer of a group, r(s) = 1[s > 0.5], as one autograd node with a
+    straight-through gradient: ds = grad * w * alive. Four `torch._foreach_*` calls forward and one
+    backward, against six and one (plus two nodes' bookkeeping) for the native `s + (r - s).detach()`
+    form; the values and gradients are that form's exactly (r(s) is exact, and so is the product)."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        scores, weight_alive = tensors[:count], tensors[count:]
+        ctx.save_for_backward(*weight_alive)
+        ctx.set_materialize_grads(False)  # a layer left out of the loss gets no gradient, not zeros
+        # r(s) = round(clamp(s, 0, 1)) (half to even sends 0.5 to 0; a NaN score stays NaN), times w * alive
+        masked = torch._foreach_clamp_min(list(scores), 0.0)
+        torch._foreach_clamp_max_(masked, 1.0)
+        torch._foreach_round_(masked)
+        torch._foreach_mul_(masked, list(weight_alive))
+        return tuple(masked)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        weight_alive = ctx.saved_tensors
+        present = [i for i, grad in enumerate(grads) if grad is not None]
+        products = torch._foreach_mul([grads[i] for i in present], [weight_alive[i] for i in present])
+        score_grads: list[Tensor | None] = [None] * len(grads)
+        for i, product in zip(present, products, strict=True):
+            score_grads[i] = product
+        return (None, *score_grads, *([None] * len(grads)))
 
 
 class _SelectionSTE(torch.autograd.Function):

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "evalbatch", "compile"]
+STEPS = ["smoke", "setup", "tests", "mine", "torchrun", "resume", "speed", "evalbatch", "compile", "reference"]
 
 
 def gpu_check(out: Path, work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -43,6 +43,9 @@ def test_dry_run_runs_every_step_and_reports_each(checked):
     report = json.loads((base / "out" / "gpu_check.json").read_text())
     assert report["dry_run"] is True and list(report["steps"]) == STEPS
     for name, entry in report["steps"].items():
+        if name == "reference":  # opt-in: only when --only names it
+            assert entry == {"status": "not run"}
+            continue
         # compiling is not exercised on CPU (tens of seconds); every other step ran and held
         assert entry["status"] == ("skipped" if name == "compile" else "ok"), (name, entry.get("error"))
         assert entry["seconds"] >= 0 and entry["invocation"] == 1
@@ -70,11 +73,18 @@ def test_only_reruns_the_named_steps_and_keeps_the_others(checked, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["invocations"][-1]["steps"] == ["smoke", "compile"]  # in the check's order
-    assert {name for name, entry in report["steps"].items() if entry["invocation"] == 2} == {"smoke", "compile"}
+    assert {name for name, entry in report["steps"].items() if entry.get("invocation") == 2} == {"smoke", "compile"}
     assert all(report["steps"][name] == before["steps"][name] for name in STEPS if name not in ("smoke", "compile"))
     assert report["steps"]["smoke"]["status"] == "ok"
     new_log = (out / "gpu_check.log").read_text()[len(log_before):]
     assert "[smoke]" in new_log and "[tests]" not in new_log and "[mine]" not in new_log
+
+    done = gpu_check(out, base / "work", "--only", "reference")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference = json.loads((out / "gpu_check.json").read_text())["steps"]["reference"]
+    assert reference["status"] == "ok" and reference["invocation"] == 3, reference
+    assert reference["details"]["epochs"] == 2 and reference["details"]["acc_after_finetune"] is not None
+    assert reference["details"]["published"] == 0.9125
 
     wrong = gpu_check(out, base / "work", "--only", "smoke,bogus")
     assert wrong.returncode == 2 and "unknown step(s) bogus" in wrong.stderr
