@@ -66,7 +66,20 @@ def check_tables(report: dict[str, Any]) -> str:
         lines += ["", f"| evaluation batch ({evalbatch.get('model')}, {evalbatch.get('samples'):,} inputs) | "
                       + " | ".join(seconds) + " |", "|---|" + "---|" * len(seconds),
                   "| seconds per pass | " + " | ".join(f"{value:.4f}" for value in seconds.values()) + " |"]
+    reference = steps.get("reference", {})
+    if reference.get("status") == "ok":  # the opt-in step: what the JPEG CIFAR-10 copy costs
+        view = reference.get("details", {})
+        accuracy, published = view.get("acc_after_finetune"), view.get("published")
+        below = f"{100 * (published - accuracy):.2f} points below" if accuracy is not None and published else "n/a"
+        best = percent(view.get("acc_best_finetune"))
+        lines += ["", f"Dense ResNet-20, {view.get('epochs')} epochs on {view.get('data')}: "
+                      f"{percent(accuracy)} test accuracy after the last epoch (best {best}), "
+                      f"{below} the published {percent(published)}; {view.get('wall_s')} s."]
     return "\n".join(lines)
+
+
+def percent(value: float | None) -> str:
+    return f"{100 * value:.2f}%" if value is not None else "n/a"
 
 
 def number(value: float | None) -> str:

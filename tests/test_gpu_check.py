@@ -148,7 +148,10 @@ def test_gpu_tables_print_what_a_report_lacks_as_n_a(tmp_path):
                         "speed": {"status": "ok", "details": {"fp32": {
                             "search_img_per_s": 100.0, "dense_train_img_per_s": 120.0, "eval_img_per_s": None,
                             "projected_paper_run_min": 3.0}}},
-                        "compile": {"status": "skipped"}},
+                        "compile": {"status": "skipped"},
+                        "reference": {"status": "ok", "details": {
+                            "data": "the copy", "epochs": 150, "acc_after_finetune": 0.8931, "acc_best_finetune": None,
+                            "published": 0.9125, "wall_s": 250.0}}},
               "invocations": []}
     (tmp_path / "gpu_check.json").write_text(json.dumps(report))
     (tmp_path / "search_overhead.txt").write_text('old {"model": "cnn1d", "dense_step_ms": 2.0, "search_step_ms": 2.5, '
@@ -160,3 +163,5 @@ def test_gpu_tables_print_what_a_report_lacks_as_n_a(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| eager fp32 | 100 | 120 | n/a | 1.20 | 3.0 min |" in done.stdout
     assert "| 1 old | cnn1d | layer by layer | 2.00 | 2.50 | 1.25 |" in done.stdout
+    assert ("Dense ResNet-20, 150 epochs on the copy: 89.31% test accuracy after the last epoch (best n/a), "
+            "1.94 points below the published 91.25%; 250.0 s.") in done.stdout
