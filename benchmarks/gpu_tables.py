@@ -70,7 +70,9 @@ def check_tables(report: dict[str, Any]) -> str:
     if reference.get("status") == "ok":  # the opt-in step: what the JPEG CIFAR-10 copy costs
         view = reference.get("details", {})
         accuracy, published = view.get("acc_after_finetune"), view.get("published")
-        below = f"{100 * (published - accuracy):.2f} points below" if accuracy is not None and published else "n/a"
+        gap = 100 * (published - accuracy) if accuracy is not None and published else None
+        below = ("no comparison with" if gap is None else f"{gap:.2f} points below" if gap >= 0
+                 else f"{-gap:.2f} points above")
         best = percent(view.get("acc_best_finetune"))
         lines += ["", f"Dense ResNet-20, {view.get('epochs')} epochs on {view.get('data')}: "
                       f"{percent(accuracy)} test accuracy after the last epoch (best {best}), "

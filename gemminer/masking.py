@@ -269,7 +269,9 @@ class _GroupedGemMask(torch.autograd.Function):
     """w * alive * r(s) of every layer of a group, r(s) = 1[s > 0.5], as one autograd node with a
     straight-through gradient: ds = grad * w * alive. Four `torch._foreach_*` calls forward and one
     backward, against six and one (plus two nodes' bookkeeping) for the native `s + (r - s).detach()`
-    form; the values and gradients are that form's exactly (r(s) is exact, and so is the product)."""
+    form. For scores in [0, 2] (the search keeps them in [0, 1]) the values and gradients are that
+    form's exactly; beyond (s = inf, or 2^24 and more) that form's sum is no longer exact, and this one
+    still gives w * alive * 1[s > 0.5]."""
 
     @staticmethod
     def forward(ctx, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -287,6 +289,8 @@ class _GroupedGemMask(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         weight_alive = ctx.saved_tensors
         present = [i for i, grad in enumerate(grads) if grad is not None]
+        if not present:  # every use of the outputs gave None (an op that passes no gradient back)
+            return (None,) * (1 + 2 * len(grads))
         products = torch._foreach_mul([grads[i] for i in present], [weight_alive[i] for i in present])
         score_grads: list[Tensor | None] = [None] * len(grads)
         for i, product in zip(present, products, strict=True):

@@ -217,3 +217,26 @@ def test_group_after_inference_mode_and_a_search_network_holds_no_computed_tenso
     release_score_masks(list(masks.values()))
     group = masks["trunk.weight"].group
     assert group._outputs == [] and all(mask._weight_alive is None for mask in masks.values())
+
+
+class _NoGradientBack(torch.autograd.Function):
+    """An op that passes no gradient to its input (a user's quantizer, say)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return weight.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> None:
+        return None
+
+
+def test_group_backward_when_no_gradient_reaches_the_masked_weights():
+    """Every use of the group's outputs gives None back: the backward runs through, as layer by layer."""
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 4, bias=False).requires_grad_(False)
+        masks = attach_score_masks(layer, ["weight"], lambda name, w: ScoreMask(torch.rand(w.shape)), grouped=grouped)
+        x = torch.randn(3, 4, requires_grad=True)
+        (x @ _NoGradientBack.apply(layer.weight).t()).sum().backward()
+        assert masks["weight"].scores.grad is None and x.grad is not None
