@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from gemminer.masking import ScoreMask, attach, attach_score_masks, owner, prunable_names
+from gemminer.masking import ScoreMask, attach, attach_score_masks, like_weight, owner, prunable_names
 from gemminer.methods.gemminer import clamp_scores, freeze_lowest, score_statistics
 from gemminer.models import build_model
 from gemminer.train import resolve_device
@@ -80,8 +80,8 @@ def main() -> None:
         parameter.requires_grad_(False)
     names = prunable_names(search)
     attach_masks = attach if args.no_group else attach_score_masks
-    masks = list(attach_masks(search, names, lambda name, weight: ScoreMask(
-        torch.rand(weight.shape, generator=generator).to(weight.device))).values())
+    masks = list(attach_masks(search, names, lambda name, weight: ScoreMask(  # as the search makes them
+        like_weight(torch.rand(weight.shape, generator=generator), weight))).values())
     scores = [mask.scores for mask in masks]
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     score_optimizer = torch.optim.SGD(scores, lr=0.1, momentum=0.9, weight_decay=2e-4)

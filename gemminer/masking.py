@@ -91,6 +91,14 @@ def weights(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
     return {name: original_weight(owner(model, name)) for name in names}
 
 
+def like_weight(values: Tensor, weight: Tensor) -> Tensor:
+    """`values` (scores drawn on the CPU) copied onto `weight`'s device, dtype and memory format. On CUDA
+    the network is channels_last: scores in that layout keep the masked weights and the scores'
+    gradients in it too, where NCHW scores made the grouped masked weights NCHW beside NHWC inputs (a
+    layout conversion per layer and step). The values, index for index, are the same."""
+    return torch.empty_like(weight, requires_grad=False).copy_(values)
+
+
 def straight_through_threshold(scores: Tensor) -> Tensor:
     """1[s > 0.5] as a float tensor whose gradient is the identity (straight-through).
 

@@ -163,3 +163,25 @@ def test_per_epoch_evaluation_does_not_change_the_ticket(tiny):
     (plain, _), (evaluated, rows) = run(False), run(True)
     assert all(torch.equal(plain.masks[n], evaluated.masks[n]) for n in plain.masks)
     assert all(0 <= row["test_acc"] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("method", ["gemminer", "edge-popup"])
+def test_scores_take_the_weights_channels_last_layout(method):
+    """On CUDA the network is channels_last: the search's scores, flags and masked weights follow it
+    (NCHW scores made the grouped masked weights NCHW beside NHWC inputs, a conversion per layer and step)."""
+    from gemminer.data import Batches, TensorData
+    from gemminer.methods import method_class
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 6, 6, generator=generator).contiguous(memory_format=torch.channels_last)
+    data = Batches(TensorData(x, torch.randint(0, 2, (32,), generator=generator)), 16, shuffle=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, affine=False),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2, bias=False))
+    model = model.to(memory_format=torch.channels_last)
+    result = method_class(method)(0.5, epochs=2, freeze_period=1).search(model, data) if method == "gemminer" \
+        else method_class(method)(0.5, epochs=2).search(model, data)
+    conv = result.network[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.parametrizations.weight[0].scores.is_contiguous(memory_format=torch.channels_last)
+    assert result.ticket.density == pytest.approx(0.5, abs=1 / result.ticket.total)

@@ -240,3 +240,32 @@ def test_group_backward_when_no_gradient_reaches_the_masked_weights():
         x = torch.randn(3, 4, requires_grad=True)
         (x @ _NoGradientBack.apply(layer.weight).t()).sum().backward()
         assert masks["weight"].scores.grad is None and x.grad is not None
+
+
+def test_scores_in_the_weights_layout_keep_masked_weights_channels_last():
+    """On CUDA the network is channels_last; scores made with `like_weight` keep the masked weights (grouped
+    or layer by layer) and the scores' gradients in that layout, with the values of a contiguous network."""
+    from gemminer.masking import like_weight
+
+    channels_last = torch.channels_last
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    results = []
+    for layout in (torch.contiguous_format, channels_last):
+        for grouped in (True, False):
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
+                                nn.Flatten(), nn.Linear(16, 2, bias=False)).to(memory_format=layout)
+            net.requires_grad_(False)
+            generator = torch.Generator().manual_seed(1)
+            masks = attach_score_masks(net, prunable_names(net), lambda name, w, generator=generator: ScoreMask(
+                like_weight(torch.rand(w.shape, generator=generator), w)), grouped=grouped)
+            weights_now = [net[0].weight, net[2].weight]
+            net(x.contiguous(memory_format=layout)).square().sum().backward()
+            for weight, mask in zip(weights_now, (masks["0.weight"], masks["2.weight"]), strict=True):
+                assert weight.is_contiguous(memory_format=layout), (layout, grouped)
+                assert all(t.is_contiguous(memory_format=layout) for t in (mask.scores, mask.alive))
+                assert mask.scores.grad.is_contiguous(memory_format=layout)
+            results.append(([w.detach() for w in weights_now], [m.scores.grad for m in masks.values()]))
+    for weights_now, grads in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(weights_now, results[0][0], strict=True))
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, results[0][1], strict=True))

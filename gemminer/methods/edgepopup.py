@@ -27,7 +27,7 @@ from torch import nn
 
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
-from gemminer.masking import GlobalTopK, TopKScoreMask, attach, weights
+from gemminer.masking import GlobalTopK, TopKScoreMask, attach, like_weight, weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.random import uniform_counts
 from gemminer.methods.scoring import exact_count, keep_top, keep_top_per_layer
@@ -95,7 +95,7 @@ class EdgePopup(PruningMethod):
         for name in names:  # every member exists before the first is attached (global ranking)
             scores = torch.empty(fixed[name].shape, dtype=fixed[name].dtype)
             nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
-            masks[name] = TopKScoreMask(scores.to(fixed[name].device), None if shared else counts[name], shared)
+            masks[name] = TopKScoreMask(like_weight(scores, fixed[name]), None if shared else counts[name], shared)
         attach(net, names, lambda name, weight: masks[name])
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:

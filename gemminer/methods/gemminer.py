@@ -21,7 +21,7 @@ from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import ScoreMask, attach_score_masks, largest, release_score_masks
+from gemminer.masking import ScoreMask, attach_score_masks, largest, like_weight, release_score_masks
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
 from gemminer.train import Batch
@@ -135,7 +135,7 @@ class GemMiner(PruningMethod):
                 scores = torch.rand(weight.shape, generator=generator, dtype=weight.dtype)
             else:
                 scores = torch.ones(weight.shape, dtype=weight.dtype)
-            return ScoreMask(scores.to(weight.device))
+            return ScoreMask(like_weight(scores, weight))
 
         score_masks = list(attach_score_masks(net, names, make_scores, grouped=not distributed.active()).values())
         scores = [mask.scores for mask in score_masks]
