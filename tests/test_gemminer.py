@@ -166,22 +166,33 @@ def test_per_epoch_evaluation_does_not_change_the_ticket(tiny):
 
 
 @pytest.mark.parametrize("method", ["gemminer", "edge-popup"])
-def test_scores_take_the_weights_channels_last_layout(method):
+def test_scores_take_the_weights_channels_last_layout(method, device):
     """On CUDA the network is channels_last: the search's scores, flags and masked weights follow it
     (NCHW scores made the grouped masked weights NCHW beside NHWC inputs, a conversion per layer and step)."""
     from gemminer.data import Batches, TensorData
     from gemminer.methods import method_class
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 3, 6, 6, generator=generator).contiguous(memory_format=torch.channels_last)
-    data = Batches(TensorData(x, torch.randint(0, 2, (32,), generator=generator)), 16, shuffle=False)
+    x = torch.randn(32, 3, 6, 6, generator=generator).to(device).contiguous(memory_format=torch.channels_last)
+    data = Batches(TensorData(x, torch.randint(0, 2, (32,), generator=generator).to(device)), 16, shuffle=False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, affine=False),
                                 torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2, bias=False))
-    model = model.to(memory_format=torch.channels_last)
-    result = method_class(method)(0.5, epochs=2, freeze_period=1).search(model, data) if method == "gemminer" \
-        else method_class(method)(0.5, epochs=2).search(model, data)
+    model = model.to(device, memory_format=torch.channels_last)
+    options = {"freeze_period": 1} if method == "gemminer" else {}
+    result = method_class(method)(0.5, epochs=2, device=device, **options).search(model, data)
     conv = result.network[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert conv.parametrizations.weight[0].scores.is_contiguous(memory_format=torch.channels_last)
     assert result.ticket.density == pytest.approx(0.5, abs=1 / result.ticket.total)
+
+
+def test_epoch_statistics_do_not_depend_on_the_scores_layout():
+    """The logged penalty sums the squares in index order: a channels_last network logs what a contiguous one does."""
+    from gemminer.methods.gemminer import score_statistics
+
+    for seed in range(8):  # float32 sums in memory order differed for about half of such draws
+        values = torch.rand(64, 64, 3, 3, generator=torch.Generator().manual_seed(seed))
+        layouts = [ScoreMask(values.clone()), ScoreMask(values.contiguous(memory_format=torch.channels_last))]
+        assert layouts[1].scores.is_contiguous(memory_format=torch.channels_last)
+        assert score_statistics(layouts[:1]) == score_statistics(layouts[1:])

@@ -242,19 +242,19 @@ def test_group_backward_when_no_gradient_reaches_the_masked_weights():
         assert masks["weight"].scores.grad is None and x.grad is not None
 
 
-def test_scores_in_the_weights_layout_keep_masked_weights_channels_last():
+def test_scores_in_the_weights_layout_keep_masked_weights_channels_last(device):
     """On CUDA the network is channels_last; scores made with `like_weight` keep the masked weights (grouped
     or layer by layer) and the scores' gradients in that layout, with the values of a contiguous network."""
     from gemminer.masking import like_weight
 
     channels_last = torch.channels_last
-    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for layout in (torch.contiguous_format, channels_last):
         for grouped in (True, False):
             torch.manual_seed(0)
             net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
-                                nn.Flatten(), nn.Linear(16, 2, bias=False)).to(memory_format=layout)
+                                nn.Flatten(), nn.Linear(16, 2, bias=False)).to(device, memory_format=layout)
             net.requires_grad_(False)
             generator = torch.Generator().manual_seed(1)
             masks = attach_score_masks(net, prunable_names(net), lambda name, w, generator=generator: ScoreMask(
@@ -268,4 +268,7 @@ def test_scores_in_the_weights_layout_keep_masked_weights_channels_last():
             results.append(([w.detach() for w in weights_now], [m.scores.grad for m in masks.values()]))
     for weights_now, grads in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(weights_now, results[0][0], strict=True))
-        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(grads, results[0][1], strict=True))
+        # the convolutions' backward differs by layout in the last bits (on CUDA: other cuDNN kernels, TF32)
+        tolerance = 1e-5 if device.type == "cpu" else 1e-2
+        assert all(torch.allclose(a, b, rtol=tolerance, atol=tolerance / 10)
+                   for a, b in zip(grads, results[0][1], strict=True))

@@ -109,9 +109,10 @@ def clamp_scores(scores: list[torch.Tensor]) -> None:
 def score_statistics(masks: list[ScoreMask]) -> tuple[int, int, float]:
     """(alive weights, weights alive and rounded on, sum of squared scores) over all layers. Each layer's
     three sums come back in one transfer (on a GPU one synchronisation, not three per layer) and are added
-    up in Python, layer by layer, as float32 sums read one at a time would be."""
+    up in Python, layer by layer, as float32 sums read one at a time would be. The squares are summed in
+    index order (`flatten`), so a channels_last network (CUDA) logs the penalty of a contiguous one."""
     sums = torch.stack([torch.stack([m.alive.sum().double(), ((m.scores > 0.5) & m.alive.bool()).sum().double(),
-                                     (m.scores * m.scores).sum().double()]) for m in masks]).tolist()
+                                     (m.scores * m.scores).flatten().sum().double()]) for m in masks]).tolist()
     return (sum(int(row[0]) for row in sums), sum(int(row[1]) for row in sums), sum(row[2] for row in sums))
 
 
