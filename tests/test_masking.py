@@ -272,3 +272,17 @@ def test_scores_in_the_weights_layout_keep_masked_weights_channels_last(device):
         tolerance = 1e-5 if device.type == "cpu" else 1e-2
         assert all(torch.allclose(a, b, rtol=tolerance, atol=tolerance / 10)
                    for a, b in zip(grads, results[0][1], strict=True))
+
+
+def test_kth_smallest_is_kthvalue():
+    """numpy's selection on the CPU gives kthvalue's value: ties, signed zeros, float64, every k at the ends."""
+    from gemminer.masking import kth_smallest
+
+    generator = torch.Generator().manual_seed(0)
+    draws = [torch.rand(1000, generator=generator), torch.randint(0, 5, (999,), generator=generator).float(),
+             torch.tensor([0.0, -0.0, 0.0, 1.0, -1.0]), torch.rand(257, generator=generator, dtype=torch.float64)]
+    for values in draws:
+        for k in (1, 2, values.numel() // 2, values.numel() - 1, values.numel()):
+            expected = torch.kthvalue(values, k).values
+            found = kth_smallest(values, k)
+            assert found.dtype == values.dtype and found.dim() == 0 and found == expected, (k, found, expected)
