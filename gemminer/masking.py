@@ -185,10 +185,6 @@ def _saved_tensor_hooks() -> object:
     return top(False) if top is not None else None
 
 
-def _grad_modes() -> tuple[bool, bool]:
-    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-
 def _tensor_key(scores: Tensor, alive: Tensor, weight: Tensor) -> tuple[int, ...]:
     """Versions and data pointers: they change with any in-place write (not one through ``.data``) and
     any move. Raises RuntimeError for an inference tensor, which keeps no version counter. (Written
@@ -203,7 +199,7 @@ class ScoreMaskGroup:
     launches for all layers instead of about eight per layer and step, and on a CPU fewer passes over
     the scores; the values and gradients are the layer-by-layer ones.
 
-    Kept while nothing changed (scores, flags, weights: version counters and storage; grad and inference
+    Kept while nothing changed (scores, flags, weights: version counters and storage; grad
     mode) and no backward has run through it; a layer asking twice (a second forward, a tied weight)
     gets a fresh computation. A layer computes alone where the group cannot serve it: its weight is not
     the Parameter it was added with or trains, inference tensors or inference mode, saved-tensor hooks
@@ -221,7 +217,7 @@ class ScoreMaskGroup:
         member.group, member.group_index = self, len(self.members)
         self.members.append(member)
         self.weights.append(weight)
-        self._modes = None
+        self._grad_enabled = None
 
     def release(self) -> None:
         """Forget everything computed (the next layer to ask computes afresh): the end of a search,
@@ -234,7 +230,7 @@ class ScoreMaskGroup:
         self._outputs: list[Tensor] = []
         self._taken: list[bool] = []
         self._keys: list[tuple[int, ...]] = []  # each member's `_tensor_key` of scores, flags and weight
-        self._modes: tuple | None = None  # grad mode and inference mode as last computed; None: compute
+        self._grad_enabled: bool | None = None  # grad mode as last computed (inference mode never is); None: compute
 
     def __deepcopy__(self, memo: dict) -> ScoreMaskGroup:
         copied = ScoreMaskGroup.__new__(ScoreMaskGroup)
@@ -253,7 +249,7 @@ class ScoreMaskGroup:
         try:
             # a layer's output depends on its own scores, flags and weight alone: their versions (which
             # grow at every in-place change) and storage (a device or dtype move) tell whether it holds
-            if (self._modes != _grad_modes() or self._taken[index]
+            if (self._grad_enabled is not torch.is_grad_enabled() or self._taken[index]
                     or self._keys[index] != _tensor_key(member.scores, member.alive, weight)):
                 self.compute()
         except RuntimeError:  # a member's tensor became an inference tensor (no version counter)
@@ -269,13 +265,13 @@ class ScoreMaskGroup:
         self._outputs = list(_GroupedGemMask.apply(len(self.members), *scores, *weight_alive))
         self._taken = [False] * len(self.members)
         self._keys = [_tensor_key(*tensors) for tensors in zip(scores, alive, self.weights, strict=True)]
-        self._modes = _grad_modes()
+        self._grad_enabled = torch.is_grad_enabled()
         node = self._outputs[0].grad_fn if self._outputs else None
         if node is not None:  # one node for every layer: once a backward ran through it, its graph is gone
             node.register_prehook(self._forget_graph)
 
     def _forget_graph(self, grad_outputs: object) -> None:
-        self._modes = None
+        self._grad_enabled = None
 
 
 class _GroupedGemMask(torch.autograd.Function):
@@ -456,9 +452,10 @@ def release_score_masks(masks: list[ScoreMask]) -> None:
     """Forget what the masks keep computed (their group's tensors, w x alive): a network handed back
     after a search holds only its own weights, scores and flags."""
     for group in {id(mask.group): mask.group for mask in masks if mask.group is not None}.values():
-        group.release()
+        group.release()  # its members too
     for mask in masks:
-        mask.release()
+        if mask.group is None:
+            mask.release()
 
 
 def tied_names(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
