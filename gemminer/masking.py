@@ -160,7 +160,7 @@ class ScoreMask(nn.Module):
         (a freezing event, a restored checkpoint, a device move: seen in version counters and storage;
         a write through ``.data`` bypasses them, so `release` after one): the search's weights are
         fixed, so this saves one multiplication per layer and step."""
-        alive = self.alive
+        alive = self._buffers["alive"]
         try:
             # inference mode too: a tensor made under it cannot be saved for a later backward
             key = (weight._version, weight.data_ptr(), weight.dtype, alive._version, alive.data_ptr(),
@@ -179,10 +179,18 @@ class ScoreMask(nn.Module):
         self._weight_alive = None
 
 
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _saved_tensor_hooks() -> object:
     """The innermost saved-tensor hooks in force (activation checkpointing sets some), or None."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top(False) if top is not None else None
+    return _TOP_SAVED_TENSOR_HOOKS(False) if _TOP_SAVED_TENSOR_HOOKS is not None else None
+
+
+def _own_tensors(mask: ScoreMask) -> tuple[Tensor, Tensor]:
+    """(scores, alive) of a mask, read from its dicts: `nn.Module.__getattr__` took a fifth of the group's
+    own Python time per step."""
+    return mask._parameters["scores"], mask._buffers["alive"]
 
 
 def _tensor_key(scores: Tensor, alive: Tensor, weight: Tensor) -> tuple[int, ...]:
@@ -250,7 +258,7 @@ class ScoreMaskGroup:
             # a layer's output depends on its own scores, flags and weight alone: their versions (which
             # grow at every in-place change) and storage (a device or dtype move) tell whether it holds
             if (self._grad_enabled is not torch.is_grad_enabled() or self._taken[index]
-                    or self._keys[index] != _tensor_key(member.scores, member.alive, weight)):
+                    or self._keys[index] != _tensor_key(*_own_tensors(member), weight)):
                 self.compute()
         except RuntimeError:  # a member's tensor became an inference tensor (no version counter)
             self.release()
@@ -259,8 +267,8 @@ class ScoreMaskGroup:
         return self._outputs[index]
 
     def compute(self) -> None:
-        scores = [m.scores for m in self.members]
-        alive = [m.alive for m in self.members]
+        owned = [_own_tensors(m) for m in self.members]
+        scores, alive = [pair[0] for pair in owned], [pair[1] for pair in owned]
         weight_alive = [m.weight_alive(w) for m, w in zip(self.members, self.weights, strict=True)]
         self._outputs = list(_GroupedGemMask.apply(len(self.members), *scores, *weight_alive))
         self._taken = [False] * len(self.members)
