@@ -4,18 +4,29 @@
     python benchmarks/search_overhead.py --model resnet20 --device cuda
 
 `search_speed.py` gives the ratio of whole epochs; this splits the difference. On random inputs of
-the data's shape (no data files), in one process, each piece timed over `--repeats` calls (median of
-5 rounds, dense and search steps taking turns), after warm-up:
+the data's shape (no data files), in one process, after warm-up. The five kinds of whole step take
+turns one call at a time, in an order that rotates and reverses, 5 x `--repeats` calls of each, and
+each gives the median of its calls (so that drift in machine load hits all alike: timed in rounds of
+many calls each, two kinds of step that cost the same differed by 6% here); the other pieces are
+timed over `--repeats` calls (median of 5 rounds):
 - `dense_step_ms`: forward, backward and SGD step of the plain network (every weight trains);
 - `search_step_ms`: the same for Gem-Miner's search network (frozen weights, scores through
   parametrize, the score clamp after the step): what a search step costs;
+- `weights_only_step_ms`: the plain network training its prunable weights alone (the search's
+  arithmetic: the same gradients, SGD over as many values, nothing else trains), no mask;
+- `parametrized_step_ms`: the same with each of those weights through an identity parametrization:
+  what parametrize itself costs in a step;
+- `search_no_clamp_step_ms`: the search step without the clamp after it;
 - `masked_weights_ms`: the parametrized weights alone, forward and backward (random gradients): the
-  mask's share of a search step;
+  mask's share of a search step, measured apart (its Python and small passes cost more inside a step,
+  where the layers' work has filled the caches: the `in_step_*` differences below);
 - `clamp_ms`: the clamp of every score to [0, 1] after a step;
 - `freezing_event_ms`: one freezing event (`freeze_lowest`), every `freeze_period` epochs;
 - `epoch_statistics_ms`: the end-of-epoch density and penalty sums (`score_statistics`), every epoch.
 Printed as one JSON line, with `steps_per_epoch` of CIFAR-10 / MNIST-1D at this batch, so that the
-per-epoch pieces can be set against the steps.
+per-epoch pieces can be set against the steps, and the search's extra per step split by differences of
+whole steps: `in_step_other_ms` (weights-only minus dense), `in_step_parametrize_ms`,
+`in_step_mask_ms` (the search without its clamp minus the parametrized step) and `in_step_clamp_ms`.
 """
 
 from __future__ import annotations
@@ -30,7 +41,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
+from gemminer.allocator import keep_freed_memory
 from gemminer.masking import ScoreMask, attach, attach_score_masks, like_weight, owner, prunable_names
 from gemminer.methods.gemminer import clamp_scores, freeze_lowest, score_statistics
 from gemminer.models import build_model
@@ -65,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
+    keep_freed_memory()  # as the command line does (gemminer.allocator)
     device = resolve_device(args.device)
     shape, classes, train_size = SHAPES[args.model]
     channels_last = device.type == "cuda" and len(shape) == 3  # as gemminer lays images out there
@@ -85,6 +100,8 @@ def main() -> None:
     scores = [mask.scores for mask in masks]
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     score_optimizer = torch.optim.SGD(scores, lr=0.1, momentum=0.9, weight_decay=2e-4)
+    weights_only, weights_only_optimizer = prunable_weights_only(dense, names, parametrized=False)
+    parametrized, parametrized_optimizer = prunable_weights_only(dense, names, parametrized=True)
 
     def clamp() -> None:  # GemMiner's after_step
         clamp_scores(scores)
@@ -109,6 +126,9 @@ def main() -> None:
     pieces: dict[str, Callable[[], object]] = {
         "dense_step_ms": lambda: step(dense, dense_optimizer, None),
         "search_step_ms": lambda: step(search, score_optimizer, clamp),
+        "weights_only_step_ms": lambda: step(weights_only, weights_only_optimizer, None),
+        "parametrized_step_ms": lambda: step(parametrized, parametrized_optimizer, None),
+        "search_no_clamp_step_ms": lambda: step(search, score_optimizer, None),
         "masked_weights_ms": masked_weights,
         "clamp_ms": clamp,
         # the same keep each time: the event's work does not depend on how many are already frozen
@@ -119,18 +139,49 @@ def main() -> None:
     milliseconds = timer(device)
     for work in pieces.values():  # warm-up (and cuDNN's choices)
         milliseconds(work, 3)
-    rounds: dict[str, list[float]] = {name: [] for name in pieces}
+    steps = [name for name in pieces if name.endswith("_step_ms")]
+    calls: dict[str, list[float]] = {name: [] for name in steps}
+    for turn in range(5 * args.repeats):
+        order = steps[turn % len(steps):] + steps[:turn % len(steps)]
+        for name in (order if turn % 2 == 0 else order[::-1]):
+            calls[name].append(milliseconds(pieces[name], 1))
+    rounds: dict[str, list[float]] = {name: [] for name in pieces if name not in calls}
     for _ in range(5):
-        for name, work in pieces.items():
-            rounds[name].append(milliseconds(work, max(args.repeats // 20, 3) if name in per_event else args.repeats))
-    result = {name: round(statistics.median(values), 4) for name, values in rounds.items()}
+        for name in rounds:
+            rounds[name].append(milliseconds(pieces[name], max(args.repeats // 20, 3) if name in per_event
+                                             else args.repeats))
+    result = {name: round(statistics.median(values), 4) for name, values in {**calls, **rounds}.items()}
+    result = {name: result[name] for name in pieces}  # in the documented order
     extra = result["search_step_ms"] - result["dense_step_ms"]
     print(json.dumps({
         "model": args.model, "grouped": not args.no_group, "device": str(device), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "batch": args.batch,
         "prunable_layers": len(names), "scores": total, "steps_per_epoch": -(-train_size // args.batch),
         **result, "search_over_dense_per_step": round(result["search_step_ms"] / result["dense_step_ms"], 4),
-        "extra_step_ms": round(extra, 4)}))
+        "extra_step_ms": round(extra, 4),
+        **{f"in_step_{piece}_ms": round(result[later] - result[earlier], 4) for piece, later, earlier in (
+            ("other", "weights_only_step_ms", "dense_step_ms"),
+            ("parametrize", "parametrized_step_ms", "weights_only_step_ms"),
+            ("mask", "search_no_clamp_step_ms", "parametrized_step_ms"),
+            ("clamp", "search_step_ms", "search_no_clamp_step_ms"))}}))
+
+
+def prunable_weights_only(dense: nn.Module, names: list[str], parametrized: bool
+                          ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copy of `dense` whose prunable weights alone train (SGD as the scores'), each through an identity
+    parametrization if `parametrized`: the search's arithmetic without (or with only parametrize of) its mask."""
+    model = copy.deepcopy(dense)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    trained = []
+    for name in names:
+        layer = owner(model, name)
+        layer.weight.requires_grad_(True)
+        trained.append(layer.weight)
+        if parametrized:
+            parametrize.register_parametrization(layer, "weight", nn.Identity(), unsafe=True)
+    # a small lr: these weights train on random inputs, and only the time of a step is wanted
+    return model, torch.optim.SGD(trained, lr=1e-4, momentum=0.9, weight_decay=2e-4)
 
 
 if __name__ == "__main__":

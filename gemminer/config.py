@@ -122,8 +122,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 SECTIONS = ("data", "model", "search", "finetune")
 
-# Keys that change how a run is observed or saved, never what it computes: a resume or a
-# `compare` cell under other values of these is the same run (and old runs do not turn stale).
+# Keys that change how a run is observed or saved, never what it computes (`compile` only its
+# floating-point rounding, as a thread count does): a resume or a `compare` cell under other values of
+# these is the same run (and old runs do not turn stale).
 RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size", "compile"})
 
 

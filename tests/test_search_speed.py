@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "search_speed.py"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("search_speed", SCRIPT)
+def load_benchmark(script: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -70,3 +70,36 @@ def test_eval_batch_refuses_bad_sizes_in_one_line():
                  ["--model", "vgg"]):
         done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "error:" in done.stderr.splitlines()[-1], (args, done.stderr[-300:])
+
+
+def test_search_overhead_splits_the_extra_into_whole_step_differences():
+    script = REPO / "benchmarks" / "search_overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--batch", "8", "--repeats", "2"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    steps = ["dense", "search", "weights_only", "parametrized", "search_no_clamp"]
+    assert all(result[f"{name}_step_ms"] > 0 for name in steps)
+    # the four differences add up to the search's extra over dense training
+    parts = sum(result[f"in_step_{piece}_ms"] for piece in ("other", "parametrize", "mask", "clamp"))
+    assert parts == pytest.approx(result["extra_step_ms"], abs=2e-3)
+
+
+def test_search_overhead_weights_only_network_trains_the_prunable_weights_alone():
+    import torch
+
+    from gemminer.masking import owner, prunable_names
+    from gemminer.models import build_model
+
+    bench = load_benchmark(REPO / "benchmarks" / "search_overhead.py")
+    dense = build_model("cnn1d", (1, 40), 10)
+    names = prunable_names(dense)
+    for parametrized in (False, True):
+        model, optimizer = bench.prunable_weights_only(dense, names, parametrized)
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in trained}
+        originals = [owner(model, name).parametrizations.weight.original if parametrized else owner(model, name).weight
+                     for name in names]
+        assert [id(p) for p in trained] == [id(w) for w in originals]
+        assert all(torch.equal(owner(model, name).weight, owner(dense, name).weight) for name in names)
+        assert parametrize.is_parametrized(owner(model, names[0]), "weight") == parametrized
