@@ -143,6 +143,34 @@ def plan(grid: Grid, out: Path) -> tuple[list[Cell], list[Task]]:
     return cells, tasks
 
 
+def check_inputs(tasks: list[Task]) -> None:
+    """What every cell's run would refuse at its start, checked once before anything is written or run:
+    bad input the whole grid shares (an unknown model, missing data, an unavailable device) is one error
+    line, not one per cell beside empty tables. Each `mine` cell's config is resolved; each distinct data
+    and model is loaded and built once on the CPU (the data's decoded cache is the one the cells use)."""
+    from gemminer.experiment import setup
+    from gemminer.runs import summary_writer_class
+    from gemminer.train import resolve_device
+
+    checked: set[str] = set()
+    for task in tasks:
+        if task.kind != "mine":
+            continue
+        config = resolve(task.args["overrides"])
+        key = json.dumps([to_dict(config.data), to_dict(config.model), config.device, config.bf16,
+                          config.tensorboard], sort_keys=True)
+        if key in checked:
+            continue
+        checked.add(key)
+        device = resolve_device(config.device)
+        if config.bf16 and device.type != "cuda":
+            raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
+        if config.tensorboard:
+            summary_writer_class()
+        config.device, config.bf16 = "cpu", False  # no device memory held by this process while cells run
+        setup(config)
+
+
 def execute(tasks: list[Task], jobs: int = 1, ray_address: str | None = None, force: bool = False,
             progress: bool = True, report: Callable[[str], None] | None = print) -> dict[str, str]:
     """Run every task once its needs are done: serially, in `jobs` processes, or on Ray.
@@ -306,11 +334,13 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
             progress: bool = True, report: Callable[[str], None] | None = print) -> str:
     """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md."""
     out = output_folder(out, "grid output folder")
+    cells, tasks = plan(grid, out)
+    if ray_address is None:  # a cluster's workers may hold data (or devices) that this machine lacks
+        check_inputs(tasks)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GemminerError(f"cannot create output folder {out}: {err.strerror}") from err
-    cells, tasks = plan(grid, out)
     failed = execute(tasks, jobs, ray_address, force, progress and jobs == 1 and ray_address is None, report)
     rows = [row for cell in cells if str(cell.folder) not in failed and (row := cell_row(cell)) is not None]
     write_csv(rows, out / "results.csv")

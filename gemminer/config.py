@@ -41,7 +41,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str | None = field(default=None, metadata={"help": "model name (default: the data set's default model)"})
-    width: int | None = field(default=None, metadata={"help": "width multiplier of the bundled model"})
+    width: int | None = field(default=None, metadata={
+        "help": "channels of the bundled model's first stage (the rest keep their ratios; default: the published)"})
     affine_bn: bool = field(default=False, metadata={"help": "BatchNorm with affine parameters (paper: off)"})
     bias: bool = field(default=False, metadata={"help": "layers with biases (paper: off)"})
     weight_init: str | None = field(default=None, metadata={
@@ -113,7 +114,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "search:edge-popup": {"epochs": 30, "lr": 0.3, "weight_decay": 1e-4},
         "finetune:dense": {"lr": 0.1, "weight_decay": 5e-4},
     },
-    # The official ResNet-18 / Tiny ImageNet config (PAPER.md); the batch size there is 256: --data-batch-size 256.
+    # The official ResNet-18 / Tiny ImageNet config (the official repository's); its batch size is 256:
+    # --data-batch-size 256.
     "tiny-imagenet": {
         "search:gemminer": {"epochs": 200, "freeze_period": 10, "reg_lambda": 1e-6},
         "finetune": {"lr": 0.1},

@@ -26,7 +26,7 @@ from gemminer.init import init_hash, initialize_weights
 from gemminer.masking import prunable_names, remove_masks
 from gemminer.methods import METHODS, method_class
 from gemminer.models import build_model
-from gemminer.runs import RunFolder, output_folder
+from gemminer.runs import RunFolder, output_folder, summary_writer_class
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket, read_safetensors
 from gemminer.train import Diverged, enable_autocast, masked_accuracy, resolve_device
@@ -151,7 +151,8 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
             session.enter_context(folder.lock())  # rank 0 alone, before the folder is read, written or deleted
             if folder.finished and not force:
                 raise GemminerError(f"{out} holds a finished run; pass --force to overwrite it")
-            folder.open_tensorboard(config)  # before anything is written: a missing package is bad input
+            if config.tensorboard and folder.writer:
+                summary_writer_class()  # before anything is written: a missing package is bad input
             resuming = resume and not force and folder.file("config.yaml").is_file()
             if resuming:
                 folder.check_same_config(config)
@@ -159,6 +160,7 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
                 folder.start(config, force=force)  # after setup: bad input leaves no folder behind
                 if initial_files is not None:
                     initial_files(folder)
+            folder.open_tensorboard(config)
         except GemminerError as err:
             problem = err
         # every rank learns whether any refused (this also waits for rank 0's folder): all stop together
@@ -323,7 +325,10 @@ def config_of_ticket(ticket: Ticket, overrides: dict[str, Any]) -> RunConfig:
     if not base:
         base = {"data": {"name": ticket.metadata.get("data", "mnist1d")},
                 "model": {"name": ticket.metadata.get("model")}}
-    base.pop("search", None)  # another method's section need not parse under this command
+    if overrides.get("method", base.get("method")) != base.get("method"):
+        base.pop("search", None)  # another method's section need not parse under it
+    # kept otherwise: the search's settings bind fine-tuning too (IMP trains its ticket as its last round,
+    # for as many epochs as a round), and a preset's would replace the run's own
     return resolve(merge(base, overrides))
 
 

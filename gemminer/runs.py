@@ -191,9 +191,10 @@ class RunFolder:
                 self._locked -= 1
 
     def open_tensorboard(self, config: RunConfig) -> None:
-        """Start TensorBoard logging if the config asks for it (fresh or resumed run)."""
+        """Start TensorBoard logging if the config asks for it (fresh or resumed run; a fresh one after
+        `start`, which clears an earlier run's events)."""
         if self.writer and config.tensorboard and self.tensorboard is None:
-            self.tensorboard = tensorboard_writer(self.file("tensorboard"))
+            self.tensorboard = summary_writer_class()(log_dir=str(self.file("tensorboard")))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -215,9 +216,12 @@ class RunFolder:
                 raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
             for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
                           "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
-                          "rounds.csv", "sanity.json"):  # nothing of an earlier run survives (`.lock` does)
-                self.file(stale).unlink(missing_ok=True)
-            for folder in ("tickets", "sanity"):
+                          "rounds.csv", "sanity.json", "layer_density.png"):  # nothing of an earlier run survives
+                self.file(stale).unlink(missing_ok=True)  # (`.lock` does)
+            for pattern in ("export-*.safetensors", "*-density.png"):  # `export`'s and `report`'s default files
+                for path in self.path.glob(pattern):
+                    path.unlink(missing_ok=True)
+            for folder in ("tickets", "sanity", "tensorboard"):
                 if self.file(folder).is_dir():
                     shutil.rmtree(self.file(folder))
             write_atomic(self.file("config.yaml"), dump_yaml(config))
@@ -299,13 +303,13 @@ class RunFolder:
         return read_json(self.file("summary.json"), "run summary", "start the run over with --force")
 
 
-def tensorboard_writer(log_dir: Path) -> Any:
-    """A TensorBoard SummaryWriter, or one clear error when tensorboard is not installed
-    (it is optional: metrics always go to CSV and JSONL)."""
+def summary_writer_class() -> Any:
+    """TensorBoard's SummaryWriter, or one clear error when tensorboard is not installed (it is
+    optional: metrics always go to CSV and JSONL)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise GemminerError("--tensorboard needs the tensorboard package (pip install tensorboard); "
-                            "metrics.csv and metrics.jsonl are written without it") from None
-    return SummaryWriter(log_dir=str(log_dir))
+        raise GemminerError("--tensorboard needs the tensorboard package (pip install tensorboard), or drop "
+                            "--tensorboard: metrics.csv and metrics.jsonl are written either way") from None
+    return SummaryWriter
 

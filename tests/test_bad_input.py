@@ -67,6 +67,20 @@ def test_compare_refuses_stale_runs_and_per_run_flags(tmp_path, data_dir, capsys
     assert "compare takes --densities, not --density" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "nosuch"], "unknown model 'nosuch'"),
+    (["--data", "cifar10", "--data-dir", "MISSING"], "data set cifar10 not found"),
+    (["--bf16", "--device", "cpu"], "bf16 autocast is for CUDA devices"),
+])
+def test_compare_with_bad_input_for_every_cell_is_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    flags = [str(tmp_path / "nodata") if flag == "MISSING" else flag for flag in flags]
+    assert main(["compare", "--out", str(out), "--seeds", "0,1", *TINY, *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and message in captured.err and captured.err.count(message) == 1
+    assert "failed" not in captured.out and not out.exists()
+
+
 def test_finetune_seed_changes_the_data_order_not_the_weights(tmp_path, data_dir):
     run = tmp_path / "run"
     assert main(["mine", "--out", str(run), "--data-dir", data_dir, *TINY]) == 0

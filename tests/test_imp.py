@@ -144,6 +144,11 @@ def test_run_folder_trains_the_ticket_from_the_rewind_point(data_dir, tmp_path, 
     rounds = (tmp_path / "run" / "rounds.csv").read_text().splitlines()
     assert rounds[0] == "round,density,pruned_to,kept,test_acc,epochs,seconds" and len(rounds) == 6
     assert Ticket.load(tmp_path / "run" / "tickets" / "d0.7.safetensors").metadata["density_target"] == 0.7
+    # its ticket fine-tunes again from the run folder, under the run's own search epochs (not the preset's)
+    from gemminer.cli import main
+
+    assert main(["finetune", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["acc_after_finetune"] > 0
     # --force clears every IMP file of the old run before the new one writes its own
     (tmp_path / "run" / "sanity" / "shuffle").mkdir(parents=True)
     (tmp_path / "run" / "sanity.json").write_text("{}")

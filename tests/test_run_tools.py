@@ -110,3 +110,20 @@ def test_collapsed_layer_is_flagged_in_table_and_chart(tmp_path, capsys):
     assert main(["report", str(tmp_path / "t.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "warning: layer collapse" in out and (tmp_path / "t-density.png").is_file()
+
+
+def test_force_clears_what_export_report_and_tensorboard_left_of_the_old_run(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    mine(resolve(tiny_overrides(data_dir)), out, progress=False)
+    assert main(["export", "--run", str(out)]) == 0
+    assert main(["export", "--run", str(out), "--format", "sparse", "--weights", "init"]) == 0
+    assert main(["report", str(out)]) == 0
+    assert main(["report", str(out / "ticket.safetensors")]) == 0
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.old").write_bytes(b"old")
+    left = ["export-finetuned-dense.safetensors", "export-init-sparse.safetensors", "layer_density.png",
+            "ticket-density.png", "tensorboard"]
+    assert all((out / name).exists() for name in left)
+    mine(resolve(tiny_overrides(data_dir, density=0.2)), out, force=True, progress=False)
+    assert not any((out / name).exists() for name in left)
+    assert json.loads((out / "summary.json").read_text())["density_target"] == 0.2
