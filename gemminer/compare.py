@@ -143,22 +143,25 @@ def plan(grid: Grid, out: Path) -> tuple[list[Cell], list[Task]]:
     return cells, tasks
 
 
-def check_inputs(tasks: list[Task]) -> None:
+def check_inputs(tasks: list[Task], force: bool = False) -> None:
     """What every cell's run would refuse at its start, checked once before anything is written or run:
     bad input the whole grid shares (an unknown model, missing data, an unavailable device) is one error
-    line, not one per cell beside empty tables. Each `mine` cell's config is resolved; each distinct data
-    and model is loaded and built once on the CPU (the data's decoded cache is the one the cells use)."""
+    line, not one per cell beside empty tables. Each `mine` cell still to run has its config resolved;
+    each distinct data set and model is loaded and built once on the CPU (the data's decoded cache is the
+    one the cells use). Finished cells are only read back, so they need neither (tables can be rebuilt
+    on a machine without the cells' device or data)."""
     from gemminer.experiment import setup
     from gemminer.runs import summary_writer_class
     from gemminer.train import resolve_device
 
     checked: set[str] = set()
     for task in tasks:
-        if task.kind != "mine":
+        if task.kind != "mine" or (RunFolder(task.args["out"]).finished and not force):
             continue
         config = resolve(task.args["overrides"])
-        key = json.dumps([to_dict(config.data), to_dict(config.model), config.device, config.bf16,
-                          config.tensorboard], sort_keys=True)
+        model = config.model  # what building it depends on (not its init scheme, which `resolve` checked)
+        key = json.dumps([to_dict(config.data), model.name, model.width, model.bias, model.affine_bn,
+                          model.prune_first, model.prune_last, config.device, config.bf16, config.tensorboard])
         if key in checked:
             continue
         checked.add(key)
@@ -336,7 +339,7 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
     out = output_folder(out, "grid output folder")
     cells, tasks = plan(grid, out)
     if ray_address is None:  # a cluster's workers may hold data (or devices) that this machine lacks
-        check_inputs(tasks)
+        check_inputs(tasks, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -381,7 +381,8 @@ def validate(config: RunConfig) -> None:
             raise GemminerError("imp prunes: its density must be below 1")
         if config.finetune.epochs != config.search.epochs:
             raise GemminerError(f"imp trains its ticket as its last round: finetune.epochs ({config.finetune.epochs}) "
-                                f"must equal search.epochs ({config.search.epochs}); set search.epochs alone")
+                                f"must equal search.epochs ({config.search.epochs}), the epochs of every round: set "
+                                "search.epochs alone (a saved IMP ticket fine-tunes for its rounds' epochs)")
     validate_search = getattr(config.search, "validate", None)
     if validate_search:
         validate_search()

@@ -29,6 +29,7 @@ from gemminer.runs import RunFolder
 from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
 EXPORT_FORMATS = ("dense", "sparse")
+EXPORT_WEIGHTS = ("finetuned", "init", "start")
 SPARSE_FORMAT = "gemminer-sparse-csr-1"
 CSR_PARTS = ("crow", "col", "values")
 
@@ -209,8 +210,8 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
 
     Default file: ``<run>/export-<weights>-<format>.safetensors``.
     """
-    if weights not in ("finetuned", "init", "start"):
-        raise GemminerError(f"unknown weights {weights!r}; allowed: finetuned, init, start")
+    if weights not in EXPORT_WEIGHTS:
+        raise GemminerError(f"unknown weights {weights!r}; allowed: {', '.join(EXPORT_WEIGHTS)}")
     if export_format not in EXPORT_FORMATS:
         raise GemminerError(f"unknown export format {export_format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
     config, ticket, _, init = load_run(run_dir)

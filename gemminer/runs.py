@@ -214,16 +214,19 @@ class RunFolder:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
+            held_a_run = self.file("config.yaml").is_file()
             for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
                           "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
-                          "rounds.csv", "sanity.json", "layer_density.png"):  # nothing of an earlier run survives
-                self.file(stale).unlink(missing_ok=True)  # (`.lock` does)
-            for pattern in ("export-*.safetensors", "*-density.png"):  # `export`'s and `report`'s default files
-                for path in self.path.glob(pattern):
-                    path.unlink(missing_ok=True)
-            for folder in ("tickets", "sanity", "tensorboard"):
+                          "rounds.csv", "sanity.json"):  # nothing of an earlier run survives (`.lock` does)
+                self.file(stale).unlink(missing_ok=True)
+            for folder in ("tickets", "sanity"):
                 if self.file(folder).is_dir():
                     shutil.rmtree(self.file(folder))
+            if held_a_run:  # what other commands wrote into it; in a folder new to gemminer these are the user's
+                for stale in later_files():
+                    self.file(stale).unlink(missing_ok=True)
+                if self.file("tensorboard").is_dir():
+                    shutil.rmtree(self.file("tensorboard"))
             write_atomic(self.file("config.yaml"), dump_yaml(config))
 
     def check_same_config(self, config: RunConfig) -> None:
@@ -301,6 +304,15 @@ class RunFolder:
         if not self.finished:
             raise GemminerError(f"{self.path} holds no finished run (no summary.json)")
         return read_json(self.file("summary.json"), "run summary", "start the run over with --force")
+
+
+def later_files() -> list[str]:
+    """The default files that commands run on a finished run write into its folder: `export`'s and
+    `report`'s charts (of the folder, of its ticket and gem)."""
+    from gemminer.export import EXPORT_FORMATS, EXPORT_WEIGHTS
+
+    exports = [f"export-{weights}-{form}.safetensors" for weights in EXPORT_WEIGHTS for form in EXPORT_FORMATS]
+    return [*exports, "layer_density.png", "ticket-density.png", "gem-density.png"]
 
 
 def summary_writer_class() -> Any:

@@ -81,6 +81,25 @@ def test_compare_with_bad_input_for_every_cell_is_one_line_and_writes_nothing(fl
     assert "failed" not in captured.out and not out.exists()
 
 
+def test_compare_rebuilds_the_tables_of_finished_cells_without_their_device(tmp_path, data_dir, capsys):
+    """A grid made on a GPU machine (`--device cuda`) is read back where the device is missing: finished
+    cells need no device, data or model, only their files."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "cmp"
+    base = ["compare", "--out", str(out), "--methods", "gemminer", "--no-dense", "--data-dir", data_dir, *TINY]
+    assert main([*base, "--device", "cpu"]) == 0
+    for config in out.glob("*/config.yaml"):  # as if the cells had run on CUDA
+        config.write_text(config.read_text().replace("device: cpu", "device: cuda"))
+    capsys.readouterr()
+    assert main([*base, "--device", "cuda"]) == 0
+    assert "gemminer" in (out / "results.md").read_text()
+    assert main([*base, "--device", "cuda", "--force"]) == 2  # cells to run again do need it
+    assert "CUDA" in capsys.readouterr().err
+
+
 def test_finetune_seed_changes_the_data_order_not_the_weights(tmp_path, data_dir):
     run = tmp_path / "run"
     assert main(["mine", "--out", str(run), "--data-dir", data_dir, *TINY]) == 0

@@ -127,3 +127,14 @@ def test_force_clears_what_export_report_and_tensorboard_left_of_the_old_run(tmp
     mine(resolve(tiny_overrides(data_dir, density=0.2)), out, force=True, progress=False)
     assert not any((out / name).exists() for name in left)
     assert json.loads((out / "summary.json").read_text())["density_target"] == 0.2
+
+
+def test_a_new_run_in_a_folder_of_the_users_keeps_the_users_files(tmp_path, data_dir):
+    out = tmp_path / "mine"
+    (out / "tensorboard").mkdir(parents=True)
+    users = ["export-finetuned-dense.safetensors", "layer_density.png", "ticket-density.png", "notes.txt",
+             "tensorboard/events.out.tfevents.mine"]
+    for name in users:
+        (out / name).write_bytes(b"the user's")
+    mine(resolve(tiny_overrides(data_dir)), out, progress=False)
+    assert all((out / name).read_bytes() == b"the user's" for name in users)
