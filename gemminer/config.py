@@ -339,9 +339,10 @@ def check_ranges(config: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{key}.")
             continue
+        declared = _field_type(type(config), item.name)
+        options = [t for t in typing.get_args(declared) if t is not type(None)] or [declared]
+        whole = int in (options[0], *typing.get_args(options[0]))  # an int field, or a list of ints
         if value is not None and not isinstance(value, list):  # the API may hand any object: coerce it
-            declared = _field_type(type(config), item.name)
-            options = [t for t in typing.get_args(declared) if t is not type(None)] or [declared]
             if options[0] in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                                or (options[0] is int and not isinstance(value, int))):
                 kind = "an integer" if options[0] is int else "a number"
@@ -357,7 +358,7 @@ def check_ranges(config: Any, prefix: str = "") -> None:
             if not inside:
                 opening, closing = "(" if open_low else "[", ")" if open_high or high == math.inf else "]"
                 interval = f"{opening}{low:g}, {high:g}{closing}"
-                kind = "an integer" if isinstance(number, int) else "a finite number"
+                kind = "an integer" if whole else "a finite number"
                 raise GemminerError(f"{key} must be {kind} in {interval}, got {number!r}")
 
 

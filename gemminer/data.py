@@ -29,6 +29,10 @@ class TensorData:
     x: Tensor
     y: Tensor
 
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise GemminerError(f"TensorData has {len(self.x)} inputs and {len(self.y)} labels: one label per input")
+
     def __len__(self) -> int:
         return len(self.y)
 

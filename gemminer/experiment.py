@@ -131,6 +131,9 @@ def check_output_shape(model: nn.Module, dataset: Dataset) -> None:
                             f"{tuple(dataset.input_shape)}: {str(err).splitlines()[0]}") from err
     finally:
         model.train(was_training)
+    if not isinstance(logits, torch.Tensor):
+        raise GemminerError(f"model {type(model).__name__} returns a {type(logits).__name__}; gemminer needs one "
+                            f"tensor of ({dataset.num_classes},) class scores per sample")
     if tuple(logits.shape) != (2, dataset.num_classes):
         raise GemminerError(f"model output has shape {tuple(logits.shape[1:])} per sample; {dataset.name} needs "
                             f"({dataset.num_classes},) class scores")
@@ -154,6 +157,8 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
             if config.tensorboard and folder.writer:
                 summary_writer_class()  # before anything is written: a missing package is bad input
             resuming = resume and not force and folder.file("config.yaml").is_file()
+            if resuming and folder.computed_nothing and folder.config_differences(config):
+                resuming = False  # the earlier try stopped at bad input before computing anything: start over
             if resuming:
                 folder.check_same_config(config)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,7 +15,7 @@ from gemminer.checkpoint import Checkpointer
 from gemminer.config import FinetuneConfig, check_ranges
 from gemminer.errors import GemminerError
 from gemminer.methods.base import MetricsLog
-from gemminer.train import Batch, evaluate, fit, stateful_streams
+from gemminer.train import Batch, evaluate, fit, known_length, stateful_streams
 
 
 def paper_milestones(epochs: int) -> list[int]:
@@ -40,9 +41,12 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
     training steps and evaluation under torch.compile (`train.compiled`).
     """
     config = config or FinetuneConfig()
+    if not isinstance(config, FinetuneConfig):
+        raise GemminerError(f"finetune's config is a FinetuneConfig, not a {type(config).__name__}")
     check_ranges(config, "finetune.")
-    if epochs < 0:
-        raise GemminerError(f"finetune epochs must be >= 0, got {epochs}")
+    for name, value, least in (("epochs", epochs, 0), ("start_step", start_step, 0), ("eval_every", eval_every, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise GemminerError(f"finetune {name} must be an integer >= {least}, got {value!r}")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
     if config.lr_schedule == "cosine":
@@ -53,12 +57,13 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
 
     first_epoch = 0
     if start_step:
-        if not hasattr(train, "__len__"):
+        steps = known_length(train)
+        if steps is None:
             raise GemminerError("starting the schedule mid-way needs batches with a length")
-        first_epoch, skip = divmod(start_step, len(train))
+        first_epoch, skip = divmod(start_step, steps)
         if first_epoch >= epochs:
             raise GemminerError(f"the schedule starts at step {start_step}, past its end ({epochs} epochs of "
-                                f"{len(train)} steps): nothing would train")
+                                f"{steps} steps): nothing would train")
         with warnings.catch_warnings():  # stepping the schedule forward before any optimizer step is the point
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(first_epoch):

@@ -229,11 +229,23 @@ class RunFolder:
                     shutil.rmtree(self.file("tensorboard"))
             write_atomic(self.file("config.yaml"), dump_yaml(config))
 
+    def config_differences(self, config: RunConfig) -> list[str]:
+        """The result keys whose values differ between the saved config and `config`."""
+        saved = result_config(load_run_config(self.file("config.yaml")))
+        now = result_config(config)
+        return sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+
+    @property
+    def computed_nothing(self) -> bool:
+        """An unfinished run that stopped before its first metrics row or checkpoint (bad input found inside
+        its search, such as too few batches for SNIP): under another config, nothing is lost by starting over."""
+        return not any(self.file(name).exists() for name in ("summary.json", "checkpoint.pt", "metrics.jsonl"))
+
     def check_same_config(self, config: RunConfig) -> None:
         """Refuse to resume under another config, naming the keys that differ."""
         saved = result_config(load_run_config(self.file("config.yaml")))
         now = result_config(config)
-        differing = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+        differing = self.config_differences(config)
         if differing:
             details = ", ".join(f"{key} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing[:6])
             state = "a finished" if self.finished else "an unfinished"

@@ -55,6 +55,15 @@ def enable_autocast(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn
     return model
 
 
+def known_length(batches: Iterable[Any]) -> int | None:
+    """``len(batches)``, or None where it has none: a DataLoader over an IterableDataset has ``__len__``
+    but raises TypeError from it."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def forward(model: nn.Module, inputs: Tensor, eager: bool = False) -> Tensor:
     """model(inputs), under autocast where `enable_autocast` asked for it; logits in fp32. Inside
     `compiled`, the compiled forward of `model` runs instead (unless `eager`: the training and evaluation
@@ -62,11 +71,19 @@ def forward(model: nn.Module, inputs: Tensor, eager: bool = False) -> Tensor:
     shape, which took about 15 s per loop on a GPU for one step per epoch)."""
     run = model if eager else _COMPILED.get(id(model), model)
     dtype = getattr(getattr(model, "module", model), AUTOCAST_ATTRIBUTE, None)  # through a DDP wrapper
-    if dtype is None:
-        return run(inputs)
-    with torch.autocast(inputs.device.type, dtype=dtype):
+    with torch.autocast(inputs.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
         logits = run(inputs)
-    return logits.float()
+    logits = class_scores(logits)
+    return logits if dtype is None else logits.float()
+
+
+def class_scores(output: object) -> Tensor:
+    """A model's output, which must be one tensor of class scores per sample: a tuple or dict (auxiliary
+    heads, a Hugging Face output) is one clear error, not a TypeError deep inside a loss."""
+    if not isinstance(output, Tensor):
+        raise GemminerError(f"the model returns a {type(output).__name__}: gemminer trains and scores on one "
+                            "tensor of class scores per sample (wrap the model to return its logits)")
+    return output
 
 
 # torch.compile's mode per device type. CUDA graphs on CUDA, where a small network at batch 128 is
@@ -218,7 +235,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], optimizer: torch.opt
     running = EpochProgress.start(device, resume)
     full = None  # the epoch's batch size: a shorter (last) batch runs eagerly, not as a graph of its own
     for inputs, targets in tqdm(batches, desc=description, leave=False, disable=not progress,
-                                initial=running.steps, total=len(batches) if hasattr(batches, "__len__") else None):
+                                initial=running.steps, total=known_length(batches)):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         full = full or len(inputs)
         logits = forward(model, inputs, eager=len(inputs) < full)

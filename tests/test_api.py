@@ -103,3 +103,81 @@ def test_api_redraw_is_the_cli_draw(data_dir):
     torch.manual_seed(123)  # other layer draws: the re-draw must not depend on them
     model = build_model("cnn1d", (1, 40), 10, width=8)
     assert init_hash(GemMiner(density=0.1, seed=3, init="signed_constant").initialize(model)) == init_hash(run.model)
+
+
+# ---- misuse found in review: one GemminerError each, before anything is copied or trained ----------------
+class TupleNet(UserNet):
+    """A model with an auxiliary output, as some user models have."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(x)
+        return logits, logits.detach()
+
+
+SHORT = {"gemminer": {"epochs": 1, "freeze_period": 0}, "edge-popup": {"epochs": 1}}  # options of a short search
+
+
+@pytest.mark.parametrize("method", ["gemminer", "snip", "grasp", "synflow"])
+def test_a_model_returning_a_tuple_is_one_error(method, user_data):
+    torch.manual_seed(0)
+    with pytest.raises(GemminerError, match="the model returns a tuple"):
+        METHODS[method](0.5, **SHORT.get(method, {})).find(TupleNet(), user_data)
+
+
+@pytest.mark.parametrize("method", ["gemminer", "snip", "edge-popup"])
+def test_a_layer_under_a_prune_hook_is_refused_by_name_before_any_copy(method, user_data):
+    from torch.nn.utils import prune
+
+    net = user_net()
+    prune.l1_unstructured(net.head, "weight", 0.5)
+    with pytest.raises(GemminerError, match=r"layer head: .*torch\.nn\.utils\.prune\.remove"):
+        METHODS[method](0.5, **SHORT.get(method, {})).find(net, user_data)
+
+
+def test_a_dataloader_over_an_iterable_dataset_trains(user_data):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(user_data.dataset)
+
+    loader = DataLoader(Stream(), batch_size=32)
+    with pytest.raises(TypeError):
+        len(loader)  # it has __len__, which raises: the case this covers
+    ticket = GemMiner(0.5, epochs=2, freeze_period=1).find(user_net(), loader)
+    assert ticket.density == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: GemMiner("0.1"), "density must be a number in"),
+    (lambda: GemMiner(0.1, seed=1.5), "seed must be an integer"),
+    (lambda: GemMiner(0.1, 3), "config is a GemMinerConfig, not a int"),
+    (lambda: GemMiner(0.1, bn_recalibration_batches=-1), "bn_recalibration_batches must be an integer >= 0"),
+    (lambda: GemMiner(0.1, training={"lr": 0.1}), "training is a FinetuneConfig, not a dict"),
+    (lambda: GemMiner(0.1, lr=-1), r"search.lr must be a finite number in \(0, inf\), got -1"),
+])
+def test_wrong_types_and_values_through_the_api_are_one_error(make, message):
+    with pytest.raises(GemminerError, match=message):
+        make()
+
+
+def test_numpy_scalars_are_taken_as_plain_numbers():
+    import numpy as np
+
+    method = GemMiner(np.float32(0.25), seed=np.int64(3))
+    assert type(method.density) is float and type(method.seed) is int and method.seed == 3
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"start_step": -5}, "start_step must be an integer >= 0"),
+    ({"eval_every": 0}, "eval_every must be an integer >= 1"),
+    ({"config": {"lr": 0.1}}, "config is a FinetuneConfig"),
+])
+def test_finetune_refuses_bad_arguments(options, message, user_data):
+    with pytest.raises(GemminerError, match=message):
+        finetune(user_net(), user_data, epochs=1, **options)
+
+
+def test_tensor_data_needs_one_label_per_input():
+    from gemminer.data import TensorData
+
+    with pytest.raises(GemminerError, match="10 inputs and 9 labels"):
+        TensorData(torch.zeros(10, 1, 40), torch.zeros(9, dtype=torch.long))

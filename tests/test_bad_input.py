@@ -100,6 +100,19 @@ def test_compare_rebuilds_the_tables_of_finished_cells_without_their_device(tmp_
     assert "CUDA" in capsys.readouterr().err
 
 
+def test_bad_input_found_inside_the_search_can_be_fixed_in_the_same_folder(tmp_path, data_dir, capsys):
+    """SNIP finds too few batches only once the run folder exists: the fixed command starts it over, since
+    the first try computed nothing (no metrics, no checkpoint)."""
+    out = tmp_path / "snip"
+    flags = ["mine", "--out", str(out), "--method", "snip", "--density", "0.5", "--data-dir", data_dir,
+             "--data-num-samples", "500",
+             "--model-width", "8", "--finetune-epochs", "1", "--bn-recalibration-batches", "2", "--quiet"]
+    assert main([*flags, "--search-batches", "1000"]) == 2
+    assert "snip sums the gradients of 1000 training batches" in capsys.readouterr().err
+    assert main([*flags, "--search-batches", "2"]) == 0
+    assert (out / "summary.json").is_file()
+
+
 def test_finetune_seed_changes_the_data_order_not_the_weights(tmp_path, data_dir):
     run = tmp_path / "run"
     assert main(["mine", "--out", str(run), "--data-dir", data_dir, *TINY]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from gemminer.init import WEIGHT_INITS, init_hash, initialize_weights
 from gemminer.masking import prunable_names, tied_names
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket
-from gemminer.train import Batch, evaluate, fit, recalibrate_batchnorm, resolve_device, stateful_streams
+from gemminer.train import Batch, evaluate, fit, known_length, recalibrate_batchnorm, resolve_device, stateful_streams
 
 MetricsLog = Callable[[dict[str, Any]], None]
 
@@ -71,10 +72,7 @@ class SearchResult:
 def _known_empty(batches: Iterable[Batch]) -> bool:
     """Whether `batches` says it holds no batch (iterables without a length are found out by the
     training loop, which refuses an epoch without batches)."""
-    try:
-        return len(batches) == 0  # type: ignore[arg-type]
-    except TypeError:  # no __len__, or an IterableDataset's DataLoader
-        return False
+    return known_length(batches) == 0  # None: no length, or an IterableDataset's DataLoader
 
 
 @dataclass
@@ -112,8 +110,20 @@ class PruningMethod(ABC):
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
                  bn_recalibration_batches: int = 20, init: str = "keep", training: Any = None,
                  eval_every: int = 1, compile: bool = False, **options: Any) -> None:
-        if not 0 < density <= 1:
-            raise GemminerError(f"density must be in (0, 1], got {density}")
+        from gemminer.config import FinetuneConfig, check_ranges  # (config imports the method registry)
+
+        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+            raise GemminerError(f"density must be a number in (0, 1], got {density!r}")
+        for name, value, least in (("seed", seed, None), ("bn_recalibration_batches", bn_recalibration_batches, 0),
+                                   ("eval_every", eval_every, 1)):
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not whole or (least is not None and value < least):
+                raise GemminerError(f"{name} must be an integer{f' >= {least}' if least is not None else ''}, "
+                                    f"got {value!r}")
+        if config is not None and not isinstance(config, self.Config):
+            raise GemminerError(f"{self.name}'s config is a {self.Config.__name__}, not a {type(config).__name__}")
+        if training is not None and not isinstance(training, FinetuneConfig):
+            raise GemminerError(f"training is a FinetuneConfig, not a {type(training).__name__}")
         if init not in WEIGHT_INITS:
             raise GemminerError(f"unknown init {init!r}; allowed: {', '.join(WEIGHT_INITS)}")
         config = copy.deepcopy(config) if config is not None else self.Config()
@@ -124,23 +134,17 @@ class PruningMethod(ABC):
                 raise GemminerError(f"{self.name} has no option {unknown[0]!r}; its options: "
                                     f"{', '.join(sorted(known))}")
             config = dataclasses.replace(config, **options)
-        from gemminer.config import check_ranges
-
         check_ranges(config, "search.")  # every number of every method, before the method's own checks
         config.validate()
-        self.density, self.config, self.seed = density, config, seed
+        self.density, self.config, self.seed = float(density), config, int(seed)  # numpy scalars as plain ones
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.prune_first, self.prune_last, self.progress = prune_first, prune_last, progress
         self.bn_recalibration_batches = bn_recalibration_batches
-        if eval_every < 1:
-            raise GemminerError(f"eval_every must be >= 1, got {eval_every}")
         self.eval_every = eval_every  # test accuracy every this many epochs (and after the last)
         self.compile = compile  # training steps and evaluation under torch.compile (train.compiled)
         self.init = init
         # the recipe the ticket trains with (a FinetuneConfig); methods that train weights
         # themselves (IMP's rounds) train with it too
-        from gemminer.config import FinetuneConfig
-
         self.training = copy.deepcopy(training) if training is not None else FinetuneConfig(
             **{key: value for key, value in _recipe(self.recipe).items()})
 
@@ -169,6 +173,7 @@ class PruningMethod(ABC):
         """
         if self.needs_data and _known_empty(train):
             raise GemminerError(f"{self.name} learns from training data, and the training data is empty")
+        self.prunable(model)  # a layer it cannot mask (a prune or weight_norm hook) refused by name, before any copy
         if self.init == "keep":
             return self._search(model, train, test, log, recalibration, checkpoint)
         initial = self.initialize(copy.deepcopy(model))

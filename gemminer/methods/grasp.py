@@ -32,7 +32,7 @@ from gemminer.errors import GemminerError
 from gemminer.masking import weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.scoring import exact_count, keep_top
-from gemminer.train import Batch
+from gemminer.train import Batch, class_scores
 
 
 @dataclass
@@ -109,7 +109,7 @@ def gradient_and_hessian_gradient(net: nn.Module, names: list[str], parts: list[
 
     def loss(part: Batch) -> Tensor:
         inputs, targets = part
-        return F.cross_entropy(net(inputs) / temperature, targets)
+        return F.cross_entropy(class_scores(net(inputs)) / temperature, targets)
 
     g = [torch.zeros_like(p) for p in tensors]
     hg = [torch.zeros_like(p) for p in tensors]
@@ -171,7 +171,7 @@ class Grasp(PruningMethod):
             if not found:
                 net.eval()
                 with torch.no_grad():
-                    found.append(int(net(inputs[:1].to(self.device)).shape[-1]))
+                    found.append(int(class_scores(net(inputs[:1].to(self.device))).shape[-1]))
             return found[0]
 
         return width

@@ -36,7 +36,7 @@ from gemminer.init import init_hash, state_hash
 from gemminer.masking import attach_fixed_masks, weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.scoring import keep_top
-from gemminer.train import Batch, evaluate
+from gemminer.train import Batch, evaluate, known_length
 
 
 @dataclass
@@ -134,10 +134,11 @@ class IMP(PruningMethod):
         rewind_at = rewind_epoch(config.rewind, config.epochs)
         rewind_step = 0
         if rewind_at is not None:
-            if not hasattr(train, "__len__"):
+            steps = known_length(train)
+            if steps is None:
                 raise GemminerError("search.rewind epoch:E needs training batches with a length")
-            rewind_step = round(rewind_at * len(train))
-            if not 0 < rewind_step < config.epochs * len(train):
+            rewind_step = round(rewind_at * steps)
+            if not 0 < rewind_step < config.epochs * steps:
                 raise GemminerError(f"search.rewind {config.rewind} is step {rewind_step}, not inside the first round")
         initial = plain_state(model)
         # progress survives a kill: it lives in the checkpoint's pipeline, saved with every checkpoint

@@ -25,7 +25,7 @@ from gemminer.errors import GemminerError
 from gemminer.masking import weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.scoring import exact_count, keep_top
-from gemminer.train import Batch
+from gemminer.train import Batch, class_scores
 
 
 @dataclass
@@ -65,7 +65,7 @@ def snip_scores(net: nn.Module, names: list[str], batches: Iterable[Batch], devi
     total = {name: torch.zeros_like(parameter) for name, parameter in params.items()}
     with torch.enable_grad():
         for inputs, targets in batches:
-            loss = F.cross_entropy(net(inputs.to(device)), targets.to(device))
+            loss = F.cross_entropy(class_scores(net(inputs.to(device))), targets.to(device))
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for name, grad in zip(params, grads, strict=True):
                 if grad is not None:  # a weight the loss does not reach has gradient 0

@@ -33,7 +33,7 @@ from gemminer.masking import weights
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.methods.scoring import exact_count, keep_top
 from gemminer.methods.snip import first_batches
-from gemminer.train import Batch
+from gemminer.train import Batch, class_scores
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -73,7 +73,7 @@ def synflow_scores(net: nn.Module, names: list[str], input_shape: tuple[int, ...
         reference = tensors[0]
         ones = torch.ones((1, *input_shape), dtype=reference.dtype, device=reference.device)
         with torch.enable_grad():
-            flow = net(ones).sum()
+            flow = class_scores(net(ones)).sum()
             grads = torch.autograd.grad(flow, tensors, allow_unused=True)
         return {name: (parameter.detach() * grad).abs() if grad is not None else torch.zeros_like(parameter.detach())
                 for (name, parameter), grad in zip(params.items(), grads, strict=True)}
