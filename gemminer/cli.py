@@ -384,6 +384,20 @@ COMMANDS = {"mine": cmd_mine, "eval": cmd_eval, "finetune": cmd_finetune, "compa
             "sanity": cmd_sanity, "report": cmd_report, "export": cmd_export}
 
 
+_PACKAGE = Path(__file__).resolve().parent
+_python_warning_format = warnings.formatwarning
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """gemminer's own warnings as one line for a command-line user (``gemminer: warning: ...``), not a
+    source location and a line of gemminer's code; other libraries' keep Python's form."""
+    if category.__module__.startswith("gemminer") or Path(filename).resolve().is_relative_to(_PACKAGE):
+        return f"gemminer: warning: {message}\n"
+    return _python_warning_format(message, category, filename, lineno, line)
+
+
 def entry_point() -> None:
-    warnings.simplefilter("default")
+    warnings.simplefilter("once")  # a warning repeated by several steps of a command is said once
+    warnings.formatwarning = _warning_line
     sys.exit(main())

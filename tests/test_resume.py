@@ -97,7 +97,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resumes_exactly(uninterrupted, tmp_pa
 def test_resume_with_another_config_names_the_keys(uninterrupted, tmp_path, data_dir, device, capsys):
     out = tmp_path / "unfinished"
     out.mkdir()
-    for name in ("config.yaml", "init.safetensors"):
+    for name in ("config.yaml", "init.safetensors", "metrics.jsonl"):  # a run that has computed something
         (out / name).write_bytes((uninterrupted / name).read_bytes())
     flags = [*run_flags(device), "--data-dir", data_dir]
     flags[flags.index("--density") + 1] = "0.1"
