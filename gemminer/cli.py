@@ -356,6 +356,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = Path(args.ticket)
     macs = None
+    if not path.exists():
+        raise GemminerError(f"nothing at {path}: report takes a run folder or a ticket file")
     if path.is_dir():
         from gemminer.experiment import load_run, setup
         from gemminer.report import layer_macs
@@ -367,8 +369,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         ticket = Ticket.load(path)
         png = Path(args.png) if args.png else path.with_name(path.stem + "-density.png")
+    chart = plot_layer_density(ticket, png)  # first: a chart that cannot be written is one line, before the table
     print(ticket.layer_report(macs))
-    print(f"density chart: {plot_layer_density(ticket, png)}")
+    print(f"density chart: {chart}")
     return 0
 
 

@@ -133,3 +133,12 @@ def test_the_command_line_says_gemminers_warnings_in_one_line(tmp_path, data_dir
     assert done.returncode == 0, done.stderr[-2000:]
     # this tiny SNIP ticket empties the last layer: said once, without gemminer's file and source line
     assert done.stderr == "gemminer: warning: layer collapse: no weight left in 9.weight\n"
+
+
+def test_a_ticket_given_as_initial_weights_says_so(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["mine", "--out", str(run), "--data-dir", data_dir, *TINY]) == 0
+    capsys.readouterr()
+    ticket = str(run / "ticket.safetensors")
+    assert main(["eval", "--ticket", ticket, "--init", ticket]) == 2
+    assert "is a ticket (masks), not initial weights" in capsys.readouterr().err
