@@ -253,12 +253,18 @@ def load_yaml(path: str) -> dict[str, Any]:
 # A run folder's config.yaml holds every key (dump_yaml writes them all), so a key it lacks was not
 # written by gemminer and must not silently become a default, except the keys added after run folders
 # existed, which older folders lack and which take their defaults (the values those runs had).
-ADDED_LATER = frozenset({"eval_every", "search.freeze", "compile"})
+ADDED_LATER = frozenset({"eval_every", "search.freeze", "compile", "search.bn_mode"})
+# Keys added later whose earlier runs had another value than today's default: (method, key) -> that value.
+EARLIER_VALUES = {("snip", "search.bn_mode"): "train"}
 
 
 def load_run_config(path: str | Path) -> RunConfig:
     """The resolved config of a run folder's config.yaml, refusing one that is not complete."""
     loaded = load_yaml(str(path))
+    for (method, key), value in EARLIER_VALUES.items():  # what the run computed with, not today's default
+        section, name = key.split(".")
+        if isinstance(loaded, dict) and loaded.get("method") == method and isinstance(loaded.get(section), dict):
+            loaded[section].setdefault(name, value)
     config = resolve(loaded)
     missing = sorted(set(flatten(to_dict(config))) - set(flatten(loaded)) - ADDED_LATER)
     if missing:

@@ -182,7 +182,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, Tens
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-    if what != "ticket" and "format_version" in header and "density_actual" in header:  # a ticket's header
+    if "weights" in what and "format_version" in header and "density_actual" in header:  # a ticket's header
         raise GemminerError(f"{path} is a ticket (masks), not {what}: give a weights file (such as the "
                             "init.safetensors of its run folder)")
     return tensors, header

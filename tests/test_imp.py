@@ -23,6 +23,14 @@ from gemminer.methods.scoring import keep_top
 from gemminer.ticket import Ticket, read_safetensors
 
 
+def test_a_requested_density_just_below_a_grid_point_takes_its_round():
+    stops = density_stops(0.0144)  # the paper's 1.44% is 0.8^19 = 1.4412%: 19 rounds, not 20
+    assert len(stops) == 19 and stops[-1] == 0.0144 and stops[-2] == pytest.approx(0.8 ** 18)
+    assert len(density_stops(0.0059)) == 23  # 0.8^23 = 0.5903%
+    assert density_stops(0.0144, keep=[0.0144])[-1] == 0.0144
+    assert density_stops(0.4) == pytest.approx([0.8, 0.64, 0.512, 0.4096, 0.4])  # 2.3% below: a round of its own
+
+
 def test_stops_are_powers_of_0_8_with_requested_densities_inserted():
     stops = density_stops(0.3, 0.2, keep=[0.5])
     assert stops == pytest.approx([0.8, 0.64, 0.512, 0.5, 0.8 ** 4, 0.8 ** 5, 0.3])

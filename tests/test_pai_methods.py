@@ -101,11 +101,12 @@ def test_empty_training_data_is_an_error(cls):
 
 
 # SNIP ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("count", [1, 2])
-def test_snip_scores_are_the_summed_gradient_saliency(count):
+@pytest.mark.parametrize(("count", "bn_mode"), [(1, "eval"), (2, "eval"), (1, "train")])
+def test_snip_scores_are_the_summed_gradient_saliency(count, bn_mode):
     model, data = conv_net(), make_batches()
-    result = Snip(0.2, batches=count).search(model, data)
-    reference = copy.deepcopy(model).train()
+    result = Snip(0.2, batches=count, bn_mode=bn_mode).search(model, data)
+    # eval (the default): BatchNorm on its running statistics, as the SNIP and Synaptic-Flow code score
+    reference = copy.deepcopy(model).train(bn_mode == "train")
     params = list(prunable_weights(reference).values())
     loss = sum(F.cross_entropy(reference(x), y) for x, y in data[:count])
     grads = torch.autograd.grad(loss, params)
@@ -113,6 +114,22 @@ def test_snip_scores_are_the_summed_gradient_saliency(count):
         torch.testing.assert_close(result.scores[name], (w * g).abs().detach(), rtol=1e-5, atol=1e-8)
     total = sum(p.numel() for p in params)
     assert result.ticket.remaining == round(total * 0.2) and result.ticket.metadata["snip_batches"] == count
+
+
+def test_snip_bn_mode_changes_the_ticket_and_old_runs_read_back_as_train(tmp_path):
+    from gemminer.config import dump_yaml, load_run_config, resolve
+
+    model, data = conv_net(), make_batches()
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    masks = [Snip(0.2, bn_mode=mode).find(model, data).masks for mode in ("eval", "train")]
+    assert any(not torch.equal(masks[0][name], masks[1][name]) for name in masks[0])
+    with pytest.raises(GemminerError, match=r"unknown search\.bn_mode"):
+        Snip(0.2, bn_mode="inference")
+    # a run folder from before the option scored in train mode: it reads back so, and is stale against the default
+    text = dump_yaml(resolve({"method": "snip"})).replace("  bn_mode: eval\n", "")
+    assert "bn_mode" not in text
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_run_config(tmp_path / "config.yaml").search.bn_mode == "train"
 
 
 def test_snip_refuses_fewer_batches_than_asked_and_closes_the_pass():

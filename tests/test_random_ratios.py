@@ -118,9 +118,25 @@ def test_smart_ratio_caps_and_redistributes():
     assert all(counts[name] <= sizes[name] for name in sizes)
     assert counts["0.weight"] == sizes["0.weight"] and counts["3.weight"] == sizes["3.weight"]  # capped
     assert counts["13.weight"] == round(0.3 * sizes["13.weight"])
-    # the uncapped layers share the rest in the rule's proportion: (L-l+1)^2 + (L-l+1) = 12 and 6
-    assert counts["6.weight"] / sizes["6.weight"] == pytest.approx(2 * counts["9.weight"] / sizes["9.weight"],
-                                                                   abs=1e-3)
+    # as the authors' code (and the official Gem-Miner code) caps: the rule's densities scaled to the budget,
+    # (L-l+1)^2 + (L-l+1) = 30, 20, 12, 6; a layer over 1 keeps all and hands its surplus on, in layer order
+    names = ["0.weight", "3.weight", "6.weight", "9.weight"]
+    budget = round(sum(sizes.values()) * 0.5) - round(0.3 * sizes["13.weight"])
+    share = dict(zip(names, (30, 20, 12, 6), strict=True))
+    scale = budget / sum(share[name] * sizes[name] for name in names)
+    expected, surplus = {}, 0.0
+    for name in names:
+        density = scale * share[name]
+        if density >= 1:
+            surplus, density = surplus + (density - 1) * sizes[name], 1.0
+        else:
+            taken = min(surplus, (1 - density) * sizes[name])
+            density, surplus = density + taken / sizes[name], surplus - taken
+        expected[name] = density
+    assert expected["0.weight"] == expected["3.weight"] == 1.0 and surplus == 0
+    assert expected["9.weight"] == pytest.approx(scale * 6)  # the surplus stopped at layer 6: 9 keeps its share
+    for name in names:
+        assert counts[name] == pytest.approx(expected[name] * sizes[name], abs=1)
 
 
 def test_smart_ratio_overflow_warns_and_keeps_one_weight_per_layer():

@@ -110,6 +110,27 @@ def capped_proportional(sizes: dict[str, int], raw: dict[str, float], budget: fl
         dense.update(over)
 
 
+def carried_forward(sizes: dict[str, int], raw: dict[str, float], budget: float) -> dict[str, float]:
+    """Densities scale * raw[name] with sum(size * density) = `budget`, where a layer over 1 keeps all its
+    weights and hands its surplus to the following layers in turn, each filled up to dense: Smart-Ratio's
+    capping in its authors' code and in the official Gem-Miner code (not RigL's re-solved scale, which
+    spreads the surplus over every layer)."""
+    weight = sum(raw[name] * sizes[name] for name in sizes)
+    scale = budget / weight if weight > 0 else 0.0
+    densities, surplus = {}, 0.0
+    for name in sizes:
+        density = scale * raw[name]
+        if density >= 1:
+            surplus += (density - 1) * sizes[name]
+            density = 1.0
+        else:
+            taken = min(surplus, (1 - density) * sizes[name])
+            density += taken / sizes[name]
+            surplus -= taken
+        densities[name] = density
+    return densities
+
+
 def erk_densities(shapes: dict[str, Sequence[int]], total: int) -> dict[str, float]:
     """Erdős–Rényi-Kernel densities keeping `total` weights: proportional to
     sum(shape) / prod(shape), i.e. (n_in + n_out + k_h + k_w) / (n_in n_out k_h k_w)
@@ -127,7 +148,8 @@ def smart_densities(sizes: dict[str, int], total: int, variant: str = "resnet", 
     given layers sit at `first_position`, `first_position` + 1, ...) keeps a fraction
     proportional to (L-l+1)^2 + (L-l+1), over l^2 for ``variant="vgg"``; the last layer
     keeps `last_keep` of its weights (None: it follows the share rule too, for a network
-    whose classifier is not pruned). Densities over 1 are capped and the rest re-solved.
+    whose classifier is not pruned). A layer over density 1 is capped and its surplus goes to the next
+    layers in order (`carried_forward`, as the authors' code does).
     When `last_keep` alone would leave fewer than one weight per other layer (cnn1d at
     density 0.02), every other layer keeps exactly one weight and the last layer the rest
     of the budget, with a warning: the rule cannot hold, and no layer may be cut off.
@@ -144,7 +166,7 @@ def smart_densities(sizes: dict[str, int], total: int, variant: str = "resnet", 
         rank = depth - position + 1
         share[name] = (rank * rank + rank) / (position * position if variant == "vgg" else 1)
     if not special:
-        return capped_proportional(sizes, share, total)
+        return carried_forward(sizes, share, total)
     last = names[-1]
     fixed = last_keep * sizes[last]
     others = {name: sizes[name] for name in shared}
@@ -159,7 +181,7 @@ def smart_densities(sizes: dict[str, int], total: int, variant: str = "resnet", 
         return {**{name: 1.0 / size for name, size in others.items()}, last: rest / sizes[last]}
     if total - fixed >= sum(others.values()):  # a high density: everything else dense, the last takes the rest
         return {**dict.fromkeys(others, 1.0), last: (total - sum(others.values())) / sizes[last]}
-    return {**capped_proportional(others, share, total - fixed), last: last_keep}
+    return {**carried_forward(others, share, total - fixed), last: last_keep}
 
 
 def random_masks(shapes: dict[str, torch.Size], counts: dict[str, int], generator: torch.Generator
