@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -19,14 +18,12 @@ import multiprocessing
 import os
 import signal
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemminer import __version__
 from gemminer.allocator import keep_freed_memory
 from gemminer.checkpoint import StopFlag, StopRequested
 from gemminer.config import load_run_config, resolve, result_config, to_dict
@@ -360,16 +357,6 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
 
 
 # ---- rows ---------------------------------------------------------------------------
-@functools.cache
-def _git_commit() -> str:
-    """The checkout's commit, once per process (every row carries it)."""
-    try:
-        here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
 
 _MACS_CACHE: dict[str, dict[str, int]] = {}
 
@@ -428,7 +415,9 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
         "epochs_to_ticket": summary.get("epochs_to_ticket"), "search_seconds": summary.get("search_seconds"),
         "finetune_seconds": summary.get("finetune_seconds"), "remaining": ticket.remaining, "total": ticket.total,
         "layer_collapse": ";".join(layer.name for layer in ticket.layers() if layer.remaining == 0),
-        "run": str(cell.folder), "gemminer_version": __version__, "git_commit": _git_commit(),
+        # the code that computed the cell (its summary says; empty for runs made before it did), not this checkout
+        "run": str(cell.folder), "gemminer_version": summary.get("gemminer_version", ""),
+        "git_commit": summary.get("git_commit", ""),
         "config_hash": hashlib.sha256(config_text.encode()).hexdigest()[:16],
     }
     if cell.imp_run is not None:  # a stop of an IMP run: its cost is the rounds up to that stop

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
 import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -306,16 +308,31 @@ class RunFolder:
             ticket.save(self.file(name))
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """Write summary.json, with the code that computed the run (`compare` rows report it)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
         if self.writer:
+            from gemminer import __version__
+
+            summary = {**summary, "gemminer_version": __version__, "git_commit": code_commit()}
             write_atomic(self.file("summary.json"), json.dumps(summary, indent=2) + "\n")
 
     def summary(self) -> dict[str, Any]:
         if not self.finished:
             raise GemminerError(f"{self.path} holds no finished run (no summary.json)")
         return read_json(self.file("summary.json"), "run summary", "start the run over with --force")
+
+
+@functools.cache
+def code_commit() -> str:
+    """The checkout's commit (``git describe --always --dirty``: a commit with uncommitted changes says
+    so), once per process; empty outside a git checkout."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def later_files() -> list[str]:

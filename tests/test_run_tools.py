@@ -138,3 +138,24 @@ def test_a_new_run_in_a_folder_of_the_users_keeps_the_users_files(tmp_path, data
         (out / name).write_bytes(b"the user's")
     mine(resolve(tiny_overrides(data_dir)), out, progress=False)
     assert all((out / name).read_bytes() == b"the user's" for name in users)
+
+
+def test_a_run_records_the_code_that_made_it_and_compare_reports_that(tmp_path, data_dir):
+    import csv
+
+    from gemminer import __version__
+    from gemminer.runs import code_commit
+
+    out = tmp_path / "cmp"
+    flags = ["compare", "--out", str(out), "--methods", "random", "--no-dense", "--sanity", "none",
+             "--data-dir", data_dir, "--data-num-samples", "500", "--model-width", "8", "--finetune-epochs", "1",
+             "--bn-recalibration-batches", "2", "--quiet"]
+    assert main(flags) == 0
+    cell = next(out.glob("random-*"))
+    summary = json.loads((cell / "summary.json").read_text())
+    assert summary["gemminer_version"] == __version__ and summary["git_commit"] == code_commit()
+    # a cell made by other code keeps saying so when the tables are rebuilt here
+    (cell / "summary.json").write_text(json.dumps({**summary, "git_commit": "0123abc", "gemminer_version": "0.0.1"}))
+    assert main(flags) == 0
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert (row["git_commit"], row["gemminer_version"]) == ("0123abc", "0.0.1")
