@@ -147,7 +147,7 @@ def check_inputs(tasks: list[Task], force: bool = False) -> None:
     each distinct data set and model is loaded and built once on the CPU (the data's decoded cache is the
     one the cells use). Finished cells are only read back, so they need neither (tables can be rebuilt
     on a machine without the cells' device or data)."""
-    from gemminer.experiment import setup
+    from gemminer.experiment import check_bf16, setup
     from gemminer.runs import summary_writer_class
     from gemminer.train import resolve_device
 
@@ -162,9 +162,7 @@ def check_inputs(tasks: list[Task], force: bool = False) -> None:
         if key in checked:
             continue
         checked.add(key)
-        device = resolve_device(config.device)
-        if config.bf16 and device.type != "cuda":
-            raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
+        check_bf16(config, resolve_device(config.device))
         if config.tensorboard:
             summary_writer_class()
         config.device, config.bf16 = "cpu", False  # no device memory held by this process while cells run

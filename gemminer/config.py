@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -253,8 +254,9 @@ def load_yaml(path: str) -> dict[str, Any]:
 # A run folder's config.yaml holds every key (dump_yaml writes them all), so a key it lacks was not
 # written by gemminer and must not silently become a default, except the keys added after run folders
 # existed, which older folders lack and which take their defaults (the values those runs had).
-ADDED_LATER = frozenset({"eval_every", "search.freeze", "compile", "search.bn_mode"})
-# Keys added later whose earlier runs had another value than today's default: (method, key) -> that value.
+ADDED_LATER = frozenset({"eval_every", "search.freeze", "compile"})
+# Keys added later whose earlier runs had another value than today's default, filled in with that value:
+# (method, key) -> value.
 EARLIER_VALUES = {("snip", "search.bn_mode"): "train"}
 
 
@@ -334,6 +336,13 @@ NAMED_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "iterations": (1, math.inf, False, False), "samples_per_class": (1, math.inf, False, False),
 }
 NON_NEGATIVE = (0, math.inf, False, False)
+
+
+def check_integer(name: str, value: Any, least: int | None = None) -> None:
+    """An API argument that must be a whole number (numpy's too, not a bool), at least `least`."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or (least is not None and value < least):
+        raise GemminerError(f"{name} must be an integer{f' >= {least}' if least is not None else ''}, got {value!r}")
 
 
 def check_ranges(config: Any, prefix: str = "") -> None:

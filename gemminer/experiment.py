@@ -29,7 +29,7 @@ from gemminer.models import build_model
 from gemminer.runs import RunFolder, output_folder, summary_writer_class
 from gemminer.seeding import make_generator
 from gemminer.ticket import Ticket, read_safetensors
-from gemminer.train import Diverged, enable_autocast, masked_accuracy, resolve_device
+from gemminer.train import Diverged, class_scores, enable_autocast, masked_accuracy, resolve_device
 
 
 @dataclass
@@ -88,8 +88,7 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
     seed, or loaded from `init_state`). Under torchrun this joins the process group first."""
     weights_seed = config.seed if weights_seed is None else weights_seed
     device = distributed.init_from_env(resolve_device(config.device))
-    if config.bf16 and device.type != "cuda":
-        raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
+    check_bf16(config, device)
     data = config.data
     dataset = load_dataset(data.name, data.dir, data.num_samples, download=data.download, limit=data.limit,
                            val_size=data.val_size)
@@ -118,6 +117,12 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
 
 
 @torch.no_grad()
+def check_bf16(config: RunConfig, device: torch.device) -> None:
+    """bf16 autocast asked for off CUDA is bad input."""
+    if config.bf16 and device.type != "cuda":
+        raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
+
+
 def check_output_shape(model: nn.Module, dataset: Dataset) -> None:
     """One forward pass on two test samples, before any folder is written: a model that
     does not fit the data is bad input, not a failure in the middle of a search."""
@@ -131,10 +136,7 @@ def check_output_shape(model: nn.Module, dataset: Dataset) -> None:
                             f"{tuple(dataset.input_shape)}: {str(err).splitlines()[0]}") from err
     finally:
         model.train(was_training)
-    if not isinstance(logits, torch.Tensor):
-        raise GemminerError(f"model {type(model).__name__} returns a {type(logits).__name__}; gemminer needs one "
-                            f"tensor of ({dataset.num_classes},) class scores per sample")
-    if tuple(logits.shape) != (2, dataset.num_classes):
+    if tuple(class_scores(logits).shape) != (2, dataset.num_classes):
         raise GemminerError(f"model output has shape {tuple(logits.shape[1:])} per sample; {dataset.name} needs "
                             f"({dataset.num_classes},) class scores")
 

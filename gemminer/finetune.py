@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,7 +11,7 @@ from torch import nn
 
 from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
-from gemminer.config import FinetuneConfig, check_ranges
+from gemminer.config import FinetuneConfig, check_integer, check_ranges
 from gemminer.errors import GemminerError
 from gemminer.methods.base import MetricsLog
 from gemminer.train import Batch, evaluate, fit, known_length, stateful_streams
@@ -45,8 +44,7 @@ def finetune(model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | N
         raise GemminerError(f"finetune's config is a FinetuneConfig, not a {type(config).__name__}")
     check_ranges(config, "finetune.")
     for name, value, least in (("epochs", epochs, 0), ("start_step", start_step, 0), ("eval_every", eval_every, 1)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-            raise GemminerError(f"finetune {name} must be an integer >= {least}, got {value!r}")
+        check_integer(f"finetune {name}", value, least)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
     if config.lr_schedule == "cosine":

@@ -231,11 +231,12 @@ class RunFolder:
                     shutil.rmtree(self.file("tensorboard"))
             write_atomic(self.file("config.yaml"), dump_yaml(config))
 
-    def config_differences(self, config: RunConfig) -> list[str]:
-        """The result keys whose values differ between the saved config and `config`."""
+    def config_differences(self, config: RunConfig) -> dict[str, tuple[Any, Any]]:
+        """The result keys whose values differ between the saved config and `config`: (saved, now), by key."""
         saved = result_config(load_run_config(self.file("config.yaml")))
         now = result_config(config)
-        return sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+        return {key: (saved.get(key), now.get(key)) for key in sorted(saved.keys() | now.keys())
+                if saved.get(key) != now.get(key)}
 
     @property
     def computed_nothing(self) -> bool:
@@ -245,11 +246,9 @@ class RunFolder:
 
     def check_same_config(self, config: RunConfig) -> None:
         """Refuse to resume under another config, naming the keys that differ."""
-        saved = result_config(load_run_config(self.file("config.yaml")))
-        now = result_config(config)
         differing = self.config_differences(config)
         if differing:
-            details = ", ".join(f"{key} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing[:6])
+            details = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in list(differing.items())[:6])
             state = "a finished" if self.finished else "an unfinished"
             raise GemminerError(f"{self.path} holds {state} run with another config: {details}; "
                                 "pass --force to start it over")

@@ -71,10 +71,11 @@ def forward(model: nn.Module, inputs: Tensor, eager: bool = False) -> Tensor:
     shape, which took about 15 s per loop on a GPU for one step per epoch)."""
     run = model if eager else _COMPILED.get(id(model), model)
     dtype = getattr(getattr(model, "module", model), AUTOCAST_ATTRIBUTE, None)  # through a DDP wrapper
-    with torch.autocast(inputs.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-        logits = run(inputs)
-    logits = class_scores(logits)
-    return logits if dtype is None else logits.float()
+    if dtype is None:
+        return class_scores(run(inputs))
+    with torch.autocast(inputs.device.type, dtype=dtype):
+        logits = class_scores(run(inputs))
+    return logits.float()
 
 
 def class_scores(output: object) -> Tensor:

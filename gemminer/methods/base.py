@@ -69,12 +69,6 @@ class SearchResult:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def _known_empty(batches: Iterable[Batch]) -> bool:
-    """Whether `batches` says it holds no batch (iterables without a length are found out by the
-    training loop, which refuses an epoch without batches)."""
-    return known_length(batches) == 0  # None: no length, or an IterableDataset's DataLoader
-
-
 @dataclass
 class NoOptions:
     """Config of a method without options."""
@@ -110,16 +104,13 @@ class PruningMethod(ABC):
                  prune_first: bool = True, prune_last: bool = True, progress: bool = False,
                  bn_recalibration_batches: int = 20, init: str = "keep", training: Any = None,
                  eval_every: int = 1, compile: bool = False, **options: Any) -> None:
-        from gemminer.config import FinetuneConfig, check_ranges  # (config imports the method registry)
+        from gemminer.config import FinetuneConfig, check_integer, check_ranges  # (config imports the registry)
 
         if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
             raise GemminerError(f"density must be a number in (0, 1], got {density!r}")
-        for name, value, least in (("seed", seed, None), ("bn_recalibration_batches", bn_recalibration_batches, 0),
-                                   ("eval_every", eval_every, 1)):
-            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if not whole or (least is not None and value < least):
-                raise GemminerError(f"{name} must be an integer{f' >= {least}' if least is not None else ''}, "
-                                    f"got {value!r}")
+        check_integer("seed", seed)
+        check_integer("bn_recalibration_batches", bn_recalibration_batches, 0)
+        check_integer("eval_every", eval_every, 1)
         if config is not None and not isinstance(config, self.Config):
             raise GemminerError(f"{self.name}'s config is a {self.Config.__name__}, not a {type(config).__name__}")
         if training is not None and not isinstance(training, FinetuneConfig):
@@ -171,7 +162,8 @@ class PruningMethod(ABC):
         (state that spans several training loops goes in ``checkpoint.pipeline["method_state"]``,
         which the pipeline drops once the search's files are written).
         """
-        if self.needs_data and _known_empty(train):
+        # (iterables without a length are found out by the training loop, which refuses an empty epoch)
+        if self.needs_data and known_length(train) == 0:
             raise GemminerError(f"{self.name} learns from training data, and the training data is empty")
         self.prunable(model)  # a layer it cannot mask (a prune or weight_norm hook) refused by name, before any copy
         if self.init == "keep":

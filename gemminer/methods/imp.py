@@ -84,15 +84,11 @@ def density_stops(target: float, prune_fraction: float = 0.2, keep: Iterable[flo
     stops, k = [], 1
     while True:
         grid = (1 - prune_fraction) ** k
-        while requested and requested[0] >= grid - 1e-12:  # a stop at or above the next grid point
+        while requested and requested[0] >= grid * (1 - NEAR_GRID) - 1e-12:  # a stop at or near the next grid point
             stops.append(requested.pop(0))
         if not requested:
             return stops
-        if requested[0] >= grid * (1 - NEAR_GRID):
-            stops.append(requested.pop(0))
-            if not requested:
-                return stops
-        elif not stops or grid < stops[-1] - 1e-12:
+        if not stops or grid < stops[-1] - 1e-12:  # a stop at or just below it took its round
             stops.append(float(f"{grid:.12g}"))  # 0.512, not 0.5120000000000001: it names files and keys
         k += 1
 
