@@ -6,9 +6,12 @@ start weights, schedule and epochs as the ticket's training) into ``RUN/sanity/<
 - ``shuffle``: the mask permuted within each layer (every layer keeps its count);
 - ``reinit``: the same mask on weights freshly drawn from the run's init scheme with another seed
   (they start the schedule at step 0: they are initial weights);
-- ``invert``: for score-then-keep methods the lowest-ranked d·N weights by the method's own global
-  ranking (``scores.safetensors``); for Gem-Miner a new search that freezes out the highest scores
-  instead of the lowest. Methods without a ranking refuse it.
+- ``invert``: for one-shot score-then-keep methods the lowest-ranked d·N weights by the method's own
+  global ranking (``scores.safetensors``); for the iterative ones a new search that inverts every
+  step (`INVERTED_SEARCH`): Gem-Miner freezes out the highest scores instead of the lowest, SynFlow
+  prunes the highest-scored weights still alive in each of its rounds (Frankle et al.'s code prunes
+  the highest at every iteration, ``--prune_highest``), which is not the bottom of the normal run's
+  ranking. Methods without a ranking refuse it.
 
 A method that learns only layerwise ratios loses nothing under these checks; a real ticket does.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from gemminer.config import RunConfig, resolve, to_dict
+from gemminer.config import RunConfig, load_run_config, resolve, to_dict
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.methods import method_class
@@ -32,6 +35,9 @@ from gemminer.seeding import derive_seed, make_generator
 from gemminer.ticket import Ticket, masks_digest, read_safetensors
 
 CHECKS = ("shuffle", "reinit", "invert")
+# Iterative methods, whose inverted ticket is a new search with every pruning step inverted: the search
+# options that do it. Any other ranked method inverts its saved ranking (one shot: the same thing).
+INVERTED_SEARCH: dict[str, dict[str, Any]] = {"gemminer": {"freeze": "highest"}, "synflow": {"prune": "highest"}}
 
 
 def shuffle_layers(ticket: Ticket, generator: torch.Generator) -> Ticket:
@@ -78,7 +84,7 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
     method = method_class(config.method)
     if config.method == "dense":
         raise GemminerError("the dense reference keeps every weight: it has no ticket to check")
-    if "invert" in names and config.method != "gemminer" and not method.ranked:
+    if "invert" in names and config.method not in INVERTED_SEARCH and not method.ranked:
         raise GemminerError(f"method {config.method} keeps no ranking of weights, so its ticket cannot be "
                             "inverted; run --checks shuffle,reinit")
     start = read_start(folder)
@@ -91,11 +97,12 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
     for check in names:
         out = run_dir / "sanity" / check
         variant = RunFolder(out)
-        if variant.finished and not force:
+        if variant.finished and not force and not _stale_inversion(check, config, variant):
             variant_summary = variant.summary()
-        elif check == "invert" and config.method == "gemminer":
-            inverted = resolve({**to_dict(config), "search": {**to_dict(config.search), "freeze": "highest"}})
-            variant_summary = mine(inverted, out, force=force, progress=progress)
+        elif check == "invert" and config.method in INVERTED_SEARCH:
+            inverted = resolve({**to_dict(config), "search": {**to_dict(config.search),
+                                                              **INVERTED_SEARCH[config.method]}})
+            variant_summary = mine(inverted, out, force=force or variant.finished, progress=progress)
         else:
             weights, variant_ticket = _variant(check, config, ticket, init, start, folder, setup)
             variant_summary = finetune_saved(config, variant_ticket, weights, out, force=force, progress=progress)
@@ -111,6 +118,15 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
                 "checks": {**previous.get("checks", {}), **results}}
     write_atomic(folder.file("sanity.json"), json.dumps(document, indent=2) + "\n")
     return results
+
+
+def _stale_inversion(check: str, config: RunConfig, variant: RunFolder) -> bool:
+    """Whether a finished ``invert`` variant of an iterative method was made by an earlier rule (SynFlow's
+    was the bottom of its ranking before the search with every round inverted): it is made again."""
+    if check != "invert" or config.method not in INVERTED_SEARCH:
+        return False
+    search = load_run_config(variant.file("config.yaml")).search
+    return any(getattr(search, key) != value for key, value in INVERTED_SEARCH[config.method].items())
 
 
 def _variant(check: str, config: RunConfig, ticket: Ticket, init: dict[str, torch.Tensor],

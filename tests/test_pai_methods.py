@@ -15,7 +15,7 @@ from gemminer.init import initialize_weights
 from gemminer.masking import prunable_names
 from gemminer.methods.grasp import Grasp, class_balanced_samples, gradient_and_hessian_gradient, halves
 from gemminer.methods.magnitude import Magnitude
-from gemminer.methods.scoring import keep_top
+from gemminer.methods.scoring import keep_bottom, keep_top
 from gemminer.methods.snip import Snip
 from gemminer.methods.synflow import SynFlow, synflow_scores
 
@@ -88,6 +88,7 @@ def test_deterministic_exact_and_leaves_the_model_alone(name):
     (Grasp, {"samples_per_class": 0}, r"search.samples_per_class must be an integer in \[1, inf\)"),
     (SynFlow, {"iterations": 0}, r"search.iterations must be an integer in \[1, inf\)"),
     (SynFlow, {"dtype": "float16"}, "unknown search.dtype 'float16'; allowed: float64, float32"),
+    (SynFlow, {"prune": "middle"}, "unknown search.prune 'middle'; allowed: lowest, highest"),
 ])
 def test_bad_options_are_one_line_errors(cls, options, message):
     with pytest.raises(GemminerError, match=message):
@@ -282,6 +283,34 @@ def test_synflow_is_iterative_on_the_masked_network():
     assert all(torch.equal(result.ticket.masks[k], second[k]) for k in names)
     assert all(torch.equal(keep_top(result.scores, int(sum(m.sum() for m in first.values())))[k], first[k])
                for k in names)  # the ranking also orders the earlier rounds
+
+
+def test_inverted_synflow_prunes_the_highest_in_every_round():
+    """Frankle et al. 2021's inverted SynFlow: each round drops the highest-scored survivors and the next
+    round re-scores what is left; not the bottom of the normal run's ranking (but that, in one shot)."""
+    model = mlp()
+    names = prunable_names(model)
+    total = sum(w.numel() for w in prunable_weights(model).values())
+    net = copy.deepcopy(model).double().eval()
+
+    def lowest_first(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: -score for name, score in scores.items()}
+
+    first = keep_top(lowest_first(synflow_scores(net, names, (1, LENGTH))), round(total * 0.04 ** 0.5))
+    second = keep_top(lowest_first(synflow_scores(net, names, (1, LENGTH), first)), round(total * 0.04),
+                      eligible=first)
+    inverted = SynFlow(0.04, iterations=2, prune="highest").search(model, make_batches())
+    assert all(torch.equal(inverted.ticket.masks[k], second[k]) for k in names)
+    ranked = keep_top(inverted.scores, inverted.ticket.remaining)  # its ranking still gives its ticket
+    assert all(torch.equal(ranked[k], inverted.ticket.masks[k]) for k in names)
+    assert inverted.ticket.metadata["synflow_prune"] == "highest"
+    normal = SynFlow(0.04, iterations=2).search(model, make_batches())
+    assert "synflow_prune" not in normal.ticket.metadata
+    bottom = keep_bottom(normal.scores, normal.ticket.remaining)
+    assert not all(torch.equal(bottom[k], inverted.ticket.masks[k]) for k in names)
+    one_shot = SynFlow(0.04, iterations=1, prune="highest").search(model, make_batches()).ticket
+    bottom = keep_bottom(SynFlow(0.04, iterations=1).search(model, make_batches()).scores, one_shot.remaining)
+    assert all(torch.equal(bottom[k], one_shot.masks[k]) for k in names)
 
 
 def test_synflow_is_data_free():

@@ -1,5 +1,6 @@
 """Sanity checks: shuffle keeps per-layer counts, reinit keeps the mask on new weights, invert keeps the
-lowest-ranked weights; the command writes one run folder per check and sanity.json."""
+lowest-ranked weights (iterative methods: a search with every step inverted); the command writes one run
+folder per check and sanity.json."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from gemminer.cli import main
+from gemminer.config import load_run_config
 from gemminer.errors import GemminerError
 from gemminer.sanity import invert_ranking, shuffle_layers
 from gemminer.ticket import Ticket, read_safetensors
@@ -84,3 +86,33 @@ def test_invert_of_a_ranked_method_and_refusal_without_ranking(tmp_path, data_di
         from gemminer.sanity import sanity
 
         sanity(random_run, "shuffle,flip")
+
+
+# keeping the lowest flow empties whole layers of the tiny net: expected of an inverted ticket, and warned about
+@pytest.mark.filterwarnings("ignore::gemminer.experiment.LayerCollapse")
+def test_invert_of_synflow_prunes_the_highest_in_every_round(tmp_path, data_dir):
+    """Iterative SynFlow inverts inside its loop (Frankle et al. 2021): a new search with search.prune highest
+    on the run's own weights, not the bottom of the saved ranking."""
+    run = tmp_path / "synflow"
+    assert main(["mine", "--method", "synflow", "--search-iterations", "5", "--out", str(run), *FLAGS,
+                 "--data-dir", data_dir]) == 0
+    assert main(["sanity", "--run", str(run), "--checks", "invert", "--quiet"]) == 0
+    variant = run / "sanity" / "invert"
+    config = load_run_config(variant / "config.yaml")
+    assert config.search.prune == "highest" and config.search.iterations == 5
+    assert load_run_config(run / "config.yaml").search.prune == "lowest"
+    first, _ = read_safetensors(run / "init.safetensors", "init")
+    second, _ = read_safetensors(variant / "init.safetensors", "init")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)  # same weights
+    ticket_ = Ticket.load(run / "ticket.safetensors")
+    inverted = Ticket.load(variant / "ticket.safetensors")
+    assert inverted.remaining == ticket_.remaining and inverted.metadata["synflow_prune"] == "highest"
+    scores, _ = read_safetensors(run / "scores.safetensors", "scores")
+    assert not inverted.same_masks(invert_ranking(ticket_, scores))  # the per-round rule, not the bottom d*N
+    # a variant made by the earlier rule (the bottom of the ranking, under the run's own config) is made again
+    text = (variant / "config.yaml").read_text()
+    assert "prune: highest" in text
+    (variant / "config.yaml").write_text(text.replace("prune: highest", "prune: lowest"))
+    assert main(["sanity", "--run", str(run), "--checks", "invert", "--quiet"]) == 0
+    assert load_run_config(variant / "config.yaml").search.prune == "highest"
+    assert Ticket.load(variant / "ticket.safetensors").same_masks(inverted)

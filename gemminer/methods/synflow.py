@@ -13,6 +13,12 @@ networks do not overflow; a score that still overflows ranks as the tie rule say
 `SearchResult.scores` is the elimination order as one global ranking (higher = kept
 longer): weights pruned in round k rank below those alive after it, and within a round
 by that round's score, so ``keep_top(scores, keep)`` is the ticket.
+
+``prune: highest`` is Frankle et al. 2021's inverted SynFlow (the ``invert`` sanity check):
+every round prunes the HIGHEST-scored weights still alive instead of the lowest, on the same
+schedule, re-scoring the masked network in between (their code prunes the highest per
+iteration, ``--prune_highest``). That is another ticket than the bottom d*N of the normal
+run's ranking, since each round scores a network that the inverted rounds before it pruned.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from gemminer.methods.snip import first_batches
 from gemminer.train import Batch, class_scores
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# search.prune: which end of each round's scores goes; the sign that makes it the lowest of the keep key
+PRUNE_ORDERS = {"lowest": 1.0, "highest": -1.0}
 
 
 @dataclass
@@ -46,10 +54,15 @@ class SynFlowConfig:
                                                            "(paper: 100)"})
     dtype: str = field(default="float64", metadata={"help": "float64 | float32: precision of the scoring pass "
                                                             "(float64 keeps deep networks from overflowing)"})
+    prune: str = field(default="lowest", metadata={
+        "help": "lowest (paper) | highest: every round prunes the highest-scored weights still alive instead "
+                "(Frankle et al. 2021's inverted SynFlow, the invert sanity check)"})
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise GemminerError(f"unknown search.dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.prune not in PRUNE_ORDERS:
+            raise GemminerError(f"unknown search.prune {self.prune!r}; allowed: {', '.join(PRUNE_ORDERS)}")
 
 
 def synflow_scores(net: nn.Module, names: list[str], input_shape: tuple[int, ...],
@@ -116,10 +129,11 @@ class SynFlow(PruningMethod):
         total, rounds = sum(sizes.values()), self.config.iterations
         ranks = torch.empty(total, dtype=torch.float64)
         lowest, alive, overflowed = 0, None, False
+        sign = PRUNE_ORDERS[self.config.prune]  # -1: the keep key is -score, so the highest scores go first
         for k in range(1, rounds + 1):
             keep = exact_count(total, self.density ** (k / rounds))  # k = K: density ** 1.0, exactly round(N * d)
-            scores = {name: s.to("cpu", torch.float64) for name, s in synflow_scores(net, names, input_shape,
-                                                                                     alive).items()}
+            scores = {name: sign * s.to("cpu", torch.float64) for name, s in synflow_scores(net, names, input_shape,
+                                                                                            alive).items()}
             flat = torch.cat([s.flatten() for s in scores.values()])
             overflowed = overflowed or not bool(torch.isfinite(flat).all())
             chosen = keep_top(scores, keep, eligible=alive)
@@ -137,5 +151,6 @@ class SynFlow(PruningMethod):
             ranking[name] = ranks[offset:offset + size].view(scores[name].shape).clone()
             offset += size
         seconds = time.perf_counter() - start
-        ticket = self.make_ticket(model, alive, synflow_iterations=rounds)
+        inverted = {"synflow_prune": self.config.prune} if sign < 0 else {}  # a plain ticket's header as before
+        ticket = self.make_ticket(model, alive, synflow_iterations=rounds, **inverted)
         return SearchResult(ticket=ticket, gem=ticket, epochs=0, seconds=seconds, scores=ranking)
