@@ -16,7 +16,8 @@ timed over `--repeats` calls (median of 5 rounds):
   arithmetic: the same gradients, SGD over as many values, nothing else trains), no mask;
 - `parametrized_step_ms`: the same with each of those weights through an identity parametrization:
   what parametrize itself costs in a step;
-- `search_no_clamp_step_ms`: the search step without the clamp after it;
+- `search_no_clamp_step_ms`: the search step without the clamp after it (the mask then clamps the scores
+  in its forward, which it skips for scores the clamp left in [0, 1]);
 - `masked_weights_ms`: the parametrized weights alone, forward and backward (random gradients): the
   mask's share of a search step, measured apart (its Python and small passes cost more inside a step,
   where the layers' work has filled the caches: the `in_step_*` differences below);
@@ -45,8 +46,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gemminer.allocator import keep_freed_memory
-from gemminer.masking import ScoreMask, attach, attach_score_masks, like_weight, owner, prunable_names
-from gemminer.methods.gemminer import clamp_scores, freeze_lowest, score_statistics
+from gemminer.masking import ScoreMask, attach, attach_score_masks, clamp_scores, like_weight, owner, prunable_names
+from gemminer.methods.gemminer import freeze_lowest, score_statistics
 from gemminer.models import build_model
 from gemminer.train import resolve_device
 
@@ -104,7 +105,7 @@ def main() -> None:
     parametrized, parametrized_optimizer = prunable_weights_only(dense, names, parametrized=True)
 
     def clamp() -> None:  # GemMiner's after_step
-        clamp_scores(scores)
+        clamp_scores(masks)
 
     def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, after: Callable[[], None] | None) -> None:
         loss = F.cross_entropy(model(inputs), targets)

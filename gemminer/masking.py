@@ -144,6 +144,7 @@ class ScoreMask(nn.Module):
         self.scores = nn.Parameter(scores)
         self.register_buffer("alive", torch.ones_like(scores))
         self._weight_alive: tuple[tuple, Tensor] | None = None
+        self._clamped: tuple[int, int] | None = None  # the scores' (version, storage) when `clamp_scores` ran
         self.group: ScoreMaskGroup | None = None  # set by ScoreMaskGroup.add
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -175,8 +176,27 @@ class ScoreMask(nn.Module):
         return cached[1]
 
     def release(self) -> None:
-        """Forget the kept ``w * alive``."""
+        """Forget the kept ``w * alive``, and that the scores were clamped."""
         self._weight_alive = None
+        self._clamped = None
+
+    def in_range(self) -> bool:
+        """Whether the scores are as `clamp_scores` left them (in [0, 1]): not changed in place since (version
+        counter) nor replaced (storage)."""
+        scores = self._parameters["scores"]
+        return self._clamped == (scores._version, scores.data_ptr())
+
+
+@torch.no_grad()
+def clamp_scores(masks: list[ScoreMask]) -> None:
+    """Every score into [0, 1] in place, after each optimizer step: min(max(s, 0), 1) over all layers in
+    two calls (on a GPU two kernel launches, not one per layer); the values of a clamp_(0, 1) per tensor.
+    Each mask notes it, so that its group's r(s) skips its own clamp until the scores change again."""
+    scores = [mask._parameters["scores"] for mask in masks]
+    torch._foreach_clamp_min_(scores, 0.0)
+    torch._foreach_clamp_max_(scores, 1.0)
+    for mask, tensor in zip(masks, scores, strict=True):
+        mask._clamped = (tensor._version, tensor.data_ptr())
 
 
 _TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -270,7 +290,8 @@ class ScoreMaskGroup:
         owned = [_own_tensors(m) for m in self.members]
         scores, alive = [pair[0] for pair in owned], [pair[1] for pair in owned]
         weight_alive = [m.weight_alive(w) for m, w in zip(self.members, self.weights, strict=True)]
-        self._outputs = list(_GroupedGemMask.apply(len(self.members), *scores, *weight_alive))
+        in_range = all(m.in_range() for m in self.members)
+        self._outputs = list(_GroupedGemMask.apply(len(self.members), in_range, *scores, *weight_alive))
         self._taken = [False] * len(self.members)
         self._keys = [_tensor_key(*tensors) for tensors in zip(scores, alive, self.weights, strict=True)]
         self._grad_enabled = torch.is_grad_enabled()
@@ -284,22 +305,26 @@ class ScoreMaskGroup:
 
 class _GroupedGemMask(torch.autograd.Function):
     """w * alive * r(s) of every layer of a group, r(s) = 1[s > 0.5], as one autograd node with a
-    straight-through gradient: ds = grad * w * alive. Four `torch._foreach_*` calls forward and one
-    backward, against six and one (plus two nodes' bookkeeping) for the native `s + (r - s).detach()`
-    form. For scores in [0, 2] (the search keeps them in [0, 1]) the values and gradients are that
-    form's exactly; beyond (s = inf, or 2^24 and more) that form's sum is no longer exact, and this one
-    still gives w * alive * 1[s > 0.5]."""
+    straight-through gradient: ds = grad * w * alive. Four `torch._foreach_*` calls forward (two with
+    scores known to be in [0, 1], the search's case after its first step) and one backward, against six
+    and one (plus two nodes' bookkeeping) for the native `s + (r - s).detach()` form. For scores in
+    [0, 2] the values and gradients are that form's exactly; beyond (s = inf, or 2^24 and more) that
+    form's sum is no longer exact, and this one still gives w * alive * 1[s > 0.5]."""
 
     @staticmethod
-    def forward(ctx, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
-        scores, weight_alive = tensors[:count], tensors[count:]
+    def forward(ctx, count: int, in_range: bool, *tensors: Tensor) -> tuple[Tensor, ...]:
+        scores, weight_alive = list(tensors[:count]), list(tensors[count:])
         ctx.save_for_backward(*weight_alive)
         ctx.set_materialize_grads(False)  # a layer left out of the loss gets no gradient, not zeros
-        # r(s) = round(clamp(s, 0, 1)) (half to even sends 0.5 to 0; a NaN score stays NaN), times w * alive
-        masked = torch._foreach_clamp_min(list(scores), 0.0)
-        torch._foreach_clamp_max_(masked, 1.0)
-        torch._foreach_round_(masked)
-        torch._foreach_mul_(masked, list(weight_alive))
+        # r(s) = round(clamp(s, 0, 1)) (half to even sends 0.5 to 0; a NaN score stays NaN), times w * alive;
+        # scores in [0, 1] need no clamp (two passes of four)
+        if in_range:
+            masked = torch._foreach_round(scores)
+        else:
+            masked = torch._foreach_clamp_min(scores, 0.0)
+            torch._foreach_clamp_max_(masked, 1.0)
+            torch._foreach_round_(masked)
+        torch._foreach_mul_(masked, weight_alive)
         return tuple(masked)
 
     @staticmethod
@@ -307,12 +332,12 @@ class _GroupedGemMask(torch.autograd.Function):
         weight_alive = ctx.saved_tensors
         present = [i for i, grad in enumerate(grads) if grad is not None]
         if not present:  # every use of the outputs gave None (an op that passes no gradient back)
-            return (None,) * (1 + 2 * len(grads))
+            return (None,) * (2 + 2 * len(grads))
         products = torch._foreach_mul([grads[i] for i in present], [weight_alive[i] for i in present])
         score_grads: list[Tensor | None] = [None] * len(grads)
         for i, product in zip(present, products, strict=True):
             score_grads[i] = product
-        return (None, *score_grads, *([None] * len(grads)))
+        return (None, None, *score_grads, *([None] * len(grads)))
 
 
 class _SelectionSTE(torch.autograd.Function):

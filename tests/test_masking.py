@@ -11,6 +11,7 @@ from gemminer.masking import (
     attach,
     attach_fixed_masks,
     attach_score_masks,
+    clamp_scores,
     gem_mask,
     original_weight,
     owner,
@@ -111,7 +112,8 @@ def grouped_and_alone(device):
 
 def test_group_gives_the_layerwise_values_and_gradients(device):
     """The joint foreach computation is exact: the same masked weights and the same score gradients as
-    each layer alone, through forward and backward, after a step and a freezing event, and without grad."""
+    each layer alone, through forward and backward, after a step and a freezing event, and without grad;
+    scores clamped by the search's `clamp_scores` too (the group then skips its own clamp)."""
     (grouped, alone), (grouped_masks, alone_masks) = grouped_and_alone(device)
     x = torch.randn(6, 1, 8, generator=torch.Generator().manual_seed(2)).to(device)
     optimizers = [torch.optim.SGD([m.scores for m in masks.values()], lr=0.3, momentum=0.9)
@@ -126,15 +128,38 @@ def test_group_gives_the_layerwise_values_and_gradients(device):
         for optimizer, masks in zip(optimizers, (grouped_masks, alone_masks), strict=True):
             optimizer.step()
             with torch.no_grad():
-                for mask in masks.values():
-                    mask.scores.clamp_(0, 1)
-                    if step == 1:  # a freezing event changes the flags in place
+                if masks is grouped_masks:
+                    clamp_scores(list(masks.values()))
+                    assert all(mask.in_range() for mask in masks.values())
+                else:
+                    for mask in masks.values():
+                        mask.scores.clamp_(0, 1)
+                if step == 1:  # a freezing event changes the flags in place
+                    for mask in masks.values():
                         mask.alive[0] = 0
     with torch.no_grad():
         assert torch.equal(grouped(x), alone(x))
     group = grouped_masks["0.weight"].group
     assert group is not None and alone_masks["0.weight"].group is None
     assert grouped[0].weight is group._outputs[0]  # handed out from the joint computation
+
+
+def test_group_clamps_scores_changed_after_the_search_clamped_them(device):
+    """Scores known to be in [0, 1] skip the clamp; any later in-place change (or `release`) brings it back,
+    so a score of 1.7 still counts once (round(1.7) alone would be 2)."""
+    (grouped, _), (masks, _) = grouped_and_alone(device)
+    mask = masks["4.weight"]
+    clamp_scores(list(masks.values()))
+    assert mask.in_range()
+    with torch.no_grad():
+        mask.scores[0, 0], mask.scores[0, 1] = 1.7, -0.7
+    assert not mask.in_range()
+    weight = original_weight(grouped[4])
+    expected = weight * (mask.scores > 0.5) * mask.alive
+    assert torch.equal(grouped[4].weight, expected) and grouped[4].weight[0, 0] == weight[0, 0]
+    clamp_scores(list(masks.values()))
+    mask.release()
+    assert not mask.in_range()
 
 
 def test_group_recomputes_when_asked_twice_and_falls_back_for_other_weights(device):

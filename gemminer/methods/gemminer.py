@@ -21,7 +21,7 @@ from gemminer import distributed
 from gemminer.checkpoint import Checkpointer
 from gemminer.errors import GemminerError
 from gemminer.init import init_hash
-from gemminer.masking import ScoreMask, attach_score_masks, largest, like_weight, release_score_masks
+from gemminer.masking import ScoreMask, attach_score_masks, clamp_scores, largest, like_weight, release_score_masks
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
 from gemminer.seeding import make_generator
 from gemminer.train import Batch
@@ -98,14 +98,6 @@ def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> N
 
 
 @torch.no_grad()
-def clamp_scores(scores: list[torch.Tensor]) -> None:
-    """Every score into [0, 1] in place, after each optimizer step: min(max(s, 0), 1) over all tensors in
-    two calls (on a GPU two kernel launches, not one per layer); the values of a clamp_(0, 1) per tensor."""
-    torch._foreach_clamp_min_(scores, 0.0)
-    torch._foreach_clamp_max_(scores, 1.0)
-
-
-@torch.no_grad()
 def score_statistics(masks: list[ScoreMask]) -> tuple[int, int, float]:
     """(alive weights, weights alive and rounded on, sum of squared scores) over all layers. Each layer's
     three sums come back in one transfer (on a GPU one synchronisation, not three per layer) and are added
@@ -156,7 +148,7 @@ class GemMiner(PruningMethod):
         history = self.fit_scores(net, scores, train, epochs=config.epochs, optimizer=config.optimizer, lr=config.lr,
                                   momentum=config.momentum, weight_decay=2 * config.reg_lambda,
                                   lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch,
-                                  after_step=lambda: clamp_scores(scores),
+                                  after_step=lambda: clamp_scores(score_masks),
                                   log=log, recalibration=recalibration, checkpoint=checkpoint, test=test)
         release_score_masks(score_masks)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
