@@ -11,7 +11,15 @@ from torch._dynamo.utils import counters
 
 from gemminer.config import RESULT_NEUTRAL, resolve
 from gemminer.experiment import mine
-from gemminer.masking import GlobalTopK, ScoreMask, TopKScoreMask, attach, prunable_names
+from gemminer.masking import (
+    GlobalTopK,
+    ScoreMask,
+    TopKScoreMask,
+    attach,
+    attach_score_masks,
+    like_weight,
+    prunable_names,
+)
 from gemminer.methods.gemminer import freeze_lowest
 from gemminer.models import build_model
 from gemminer.runs import RunFolder
@@ -120,6 +128,31 @@ def test_compiled_forward_sees_masks_changed_in_place():
         after = forward(net, inputs)
         assert torch.allclose(after, net(inputs), atol=1e-5)
         assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_channels_last_masks_compile_into_one_graph():
+    """Scores in the weights' channels_last layout (as on CUDA) trace without a graph break: an `out=` into a
+    non-contiguous tensor broke the graph at every layer, and a compiled ResNet-20 search on an H100 ran at a
+    tenth of its speed. fullgraph=True raises at any break; the values and score gradients are eager's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False),
+                        nn.Flatten()).to(memory_format=torch.channels_last)
+    for parameter in net.parameters():
+        parameter.requires_grad_(False)
+    masks = list(attach_score_masks(net, prunable_names(net), lambda name, weight: ScoreMask(
+        like_weight(torch.rand(weight.shape), weight))).values())
+    assert masks[0].scores.is_contiguous(memory_format=torch.channels_last)
+    inputs = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    results = []
+    for run in (torch.compile(net, fullgraph=True), net):
+        out = run(inputs)
+        out.square().sum().backward()
+        results.append((out.detach(), [mask.scores.grad.clone() for mask in masks]))
+        for mask in masks:
+            mask.scores.grad = None
+    (compiled_out, compiled_grads), (eager_out, eager_grads) = results
+    assert torch.allclose(compiled_out, eager_out, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads, strict=True))
 
 
 def test_compiled_edge_popup_masks_select_what_eager_ones_do():
