@@ -170,7 +170,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "sanity", help="sanity checks of a finished run's ticket (Frankle et al. 2021): train its layerwise shuffle, "
-                       "re-initialized weights, inverted ranking; print each one's drop")
+                       "re-initialized weights, inverted ticket; print each one's drop")
     check.add_argument("--run", required=True, help="finished run folder")
     check.add_argument("--checks", default="shuffle,reinit,invert",
                        help="comma-separated: shuffle, reinit, invert (default %(default)s)")

@@ -188,7 +188,8 @@ class ScoreMask(nn.Module):
 
     def in_range(self) -> bool:
         """Whether the scores are as `clamp_scores` left them (in [0, 1]): not changed in place since (version
-        counter) nor replaced (storage)."""
+        counter) nor replaced (storage). A write that skips the version counter (through ``.data`` or a
+        numpy view; a fused optimizer step on the CPU) is not seen: `release` after one."""
         scores = self._parameters["scores"]
         return self._clamped == (scores._version, scores.data_ptr())
 
@@ -228,8 +229,9 @@ def _tensor_key(scores: Tensor, alive: Tensor, weight: Tensor) -> tuple[int, ...
 
 class ScoreMaskGroup:
     """The ScoreMasks of one network, computed together: w * r(s) * alive of every layer in four
-    `torch._foreach_*` calls and one autograd node (`_GroupedGemMask`; one more call in the backward)
-    when the first layer asks for its weight, handed out as each layer asks. On a GPU that is a few
+    `torch._foreach_*` calls (two for scores `clamp_scores` left in [0, 1]) and one autograd node
+    (`_GroupedGemMask`; one more call in the backward) when the first layer asks for its weight, handed
+    out as each layer asks. On a GPU that is a few
     launches for all layers instead of about eight per layer and step, and on a CPU fewer passes over
     the scores; the values and gradients are the layer-by-layer ones.
 

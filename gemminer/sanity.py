@@ -7,7 +7,7 @@ start weights, schedule and epochs as the ticket's training) into ``RUN/sanity/<
 - ``reinit``: the same mask on weights freshly drawn from the run's init scheme with another seed
   (they start the schedule at step 0: they are initial weights);
 - ``invert``: for one-shot score-then-keep methods the lowest-ranked d·N weights by the method's own
-  global ranking (``scores.safetensors``); for the iterative ones a new search that inverts every
+  global ranking (``scores.safetensors``); for Gem-Miner and SynFlow a new search that inverts every
   step (`INVERTED_SEARCH`): Gem-Miner freezes out the highest scores instead of the lowest, SynFlow
   prunes the highest-scored weights still alive in each of its rounds (Frankle et al.'s code prunes
   the highest at every iteration, ``--prune_highest``), which is not the bottom of the normal run's
@@ -97,12 +97,13 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
     for check in names:
         out = run_dir / "sanity" / check
         variant = RunFolder(out)
-        if variant.finished and not force and not _stale_inversion(check, config, variant):
+        stale = _stale_inversion(check, config, variant)
+        if variant.finished and not force and not stale:
             variant_summary = variant.summary()
         elif check == "invert" and config.method in INVERTED_SEARCH:
             inverted = resolve({**to_dict(config), "search": {**to_dict(config.search),
                                                               **INVERTED_SEARCH[config.method]}})
-            variant_summary = mine(inverted, out, force=force or variant.finished, progress=progress)
+            variant_summary = mine(inverted, out, force=force or stale, progress=progress)
         else:
             weights, variant_ticket = _variant(check, config, ticket, init, start, folder, setup)
             variant_summary = finetune_saved(config, variant_ticket, weights, out, force=force, progress=progress)
@@ -121,9 +122,10 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
 
 
 def _stale_inversion(check: str, config: RunConfig, variant: RunFolder) -> bool:
-    """Whether a finished ``invert`` variant of an iterative method was made by an earlier rule (SynFlow's
-    was the bottom of its ranking before the search with every round inverted): it is made again."""
-    if check != "invert" or config.method not in INVERTED_SEARCH:
+    """Whether an ``invert`` variant of Gem-Miner or SynFlow, finished or stopped halfway, was made by an
+    earlier rule (SynFlow's was the bottom of its ranking before the search with every round inverted): it
+    is made again."""
+    if check != "invert" or config.method not in INVERTED_SEARCH or not variant.file("config.yaml").is_file():
         return False
     search = load_run_config(variant.file("config.yaml")).search
     return any(getattr(search, key) != value for key, value in INVERTED_SEARCH[config.method].items())

@@ -116,3 +116,9 @@ def test_invert_of_synflow_prunes_the_highest_in_every_round(tmp_path, data_dir)
     assert main(["sanity", "--run", str(run), "--checks", "invert", "--quiet"]) == 0
     assert load_run_config(variant / "config.yaml").search.prune == "highest"
     assert Ticket.load(variant / "ticket.safetensors").same_masks(inverted)
+    # and so is one of the earlier rule that stopped halfway (no summary.json): not refused as another config
+    (variant / "config.yaml").write_text(text.replace("prune: highest", "prune: lowest"))
+    (variant / "summary.json").unlink()
+    assert main(["sanity", "--run", str(run), "--checks", "invert", "--quiet"]) == 0
+    assert load_run_config(variant / "config.yaml").search.prune == "highest"
+    assert (variant / "summary.json").is_file()
