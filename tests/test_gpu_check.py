@@ -105,6 +105,18 @@ def test_timing_and_tolerance_rules():
     assert "test_acc" in driver.compare_metrics(reference, far, driver.TOLERANCE)[0]
 
 
+def test_a_compiled_run_that_finished_slow_or_recompiling_fails_the_step():
+    driver = load_driver()
+    assert driver.compile_problems("all well\n", {"search_img_per_s": 2.82}) == []
+    assert driver.compile_problems("", None) == []  # no eager baseline to compare with: nothing to say
+    slow = driver.compile_problems("", {"search_img_per_s": 0.29})
+    assert len(slow) == 1 and "0.29x" in slow[0]
+    log = ("W1126 13:13:57 convert_frame.py:1743] [2/8] torch._dynamo hit config.recompile_limit (8)\n"
+           "W1126 13:13:58 convert_frame.py:1743] [9/8] torch._dynamo hit config.recompile_limit (8)\n")
+    limit = driver.compile_problems(log, {"search_img_per_s": 3.0})
+    assert len(limit) == 1 and "recompile limit (2 lines" in limit[0]
+
+
 @pytest.mark.parametrize("card", ["h200-2026-11-26", "h100-2026-11-26"])
 def test_gpu_tables_print_benchmarks_tables_from_a_stored_gpu_session(card):
     """The command beside BENCHMARKS.md's GPU tables prints them from the stored results of each card."""
