@@ -35,8 +35,9 @@ from gemminer.seeding import derive_seed, make_generator
 from gemminer.ticket import Ticket, masks_digest, read_safetensors
 
 CHECKS = ("shuffle", "reinit", "invert")
-# Iterative methods, whose inverted ticket is a new search with every pruning step inverted: the search
-# options that do it. Any other ranked method inverts its saved ranking (one shot: the same thing).
+# The methods that prune in steps at initialization (Gem-Miner, SynFlow), whose inverted ticket is a new
+# search with every step inverted: the search options that do it. Any other ranked method inverts its saved
+# ranking (one shot: the same thing); IMP, which trains between its steps, keeps no ranking and refuses.
 INVERTED_SEARCH: dict[str, dict[str, Any]] = {"gemminer": {"freeze": "highest"}, "synflow": {"prune": "highest"}}
 
 
