@@ -116,13 +116,13 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
     return Setup(config, device, dataset, model)
 
 
-@torch.no_grad()
 def check_bf16(config: RunConfig, device: torch.device) -> None:
     """bf16 autocast asked for off CUDA is bad input."""
     if config.bf16 and device.type != "cuda":
         raise GemminerError(f"bf16 autocast is for CUDA devices; the device is {device}")
 
 
+@torch.no_grad()
 def check_output_shape(model: nn.Module, dataset: Dataset) -> None:
     """One forward pass on two test samples, before any folder is written: a model that
     does not fit the data is bad input, not a failure in the middle of a search."""

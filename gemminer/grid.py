@@ -30,7 +30,7 @@ from typing import Any
 from gemminer.config import load_yaml, merge, resolve, to_dict
 from gemminer.errors import GemminerError
 from gemminer.methods import method_class
-from gemminer.sanity import CHECKS, INVERTED_SEARCH
+from gemminer.sanity import CHECKS, invertible
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 GRID_KEYS = ("base", "variants", "densities", "seeds", "dense", "same_training")
@@ -79,8 +79,7 @@ class Grid:
                 if check not in CHECKS:
                     raise GemminerError(f"variant {variant.name}: unknown sanity check {check!r}; "
                                         f"allowed: {', '.join(CHECKS)}")
-            if ("invert" in variant.sanity and variant.method not in INVERTED_SEARCH
-                    and not method_class(variant.method).ranked):
+            if "invert" in variant.sanity and not invertible(variant.method):
                 raise GemminerError(f"variant {variant.name}: method {variant.method} keeps no ranking of weights, "
                                     "so its ticket cannot be inverted")
             for key in ("density", "seed"):

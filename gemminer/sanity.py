@@ -41,6 +41,11 @@ CHECKS = ("shuffle", "reinit", "invert")
 INVERTED_SEARCH: dict[str, dict[str, Any]] = {"gemminer": {"freeze": "highest"}, "synflow": {"prune": "highest"}}
 
 
+def invertible(method: str) -> bool:
+    """Whether `method`'s ticket has an inverted one: a search with every step inverted, or its ranking."""
+    return method in INVERTED_SEARCH or method_class(method).ranked
+
+
 def shuffle_layers(ticket: Ticket, generator: torch.Generator) -> Ticket:
     """The mask permuted within each layer: per-layer counts kept, positions random."""
     masks = {}
@@ -82,10 +87,9 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
     names = _parse_checks(checks)
     config, ticket, _, init = load_run(run_dir)
     summary = folder.summary()  # refuses an unfinished run
-    method = method_class(config.method)
     if config.method == "dense":
         raise GemminerError("the dense reference keeps every weight: it has no ticket to check")
-    if "invert" in names and config.method not in INVERTED_SEARCH and not method.ranked:
+    if "invert" in names and not invertible(config.method):
         raise GemminerError(f"method {config.method} keeps no ranking of weights, so its ticket cannot be "
                             "inverted; run --checks shuffle,reinit")
     start = read_start(folder)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from gemminer.checkpoint import MAGIC, load_run_checkpoint, rng_state
 from gemminer.cli import main
 from gemminer.config import FinetuneConfig, RunConfig, load_yaml, resolve
 from gemminer.errors import GemminerError
-from gemminer.experiment import load_run, mine
+from gemminer.experiment import check_output_shape, load_run, mine
 from gemminer.methods import METHODS, method_class
 from gemminer.ticket import Ticket, read_safetensors
 from tests.conftest import tiny_overrides
@@ -453,3 +454,14 @@ def test_a_user_model_beside_the_user_imports_from_the_console_script(tmp_path, 
                              "--finetune-epochs", "1", "--quiet"], cwd=tmp_path,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
+
+
+def test_the_output_shape_probe_builds_no_autograd_graph():
+    """The probe before a run is one forward pass without gradients: no graph kept over the model."""
+    grad_modes = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40, 10))
+    model.register_forward_hook(lambda module, inputs, output: grad_modes.append(torch.is_grad_enabled()))
+    dataset = SimpleNamespace(transform=lambda: None, test=SimpleNamespace(x=torch.randn(4, 1, 40)),
+                              name="probe", input_shape=(1, 40), num_classes=10)
+    check_output_shape(model, dataset)
+    assert grad_modes == [False] and model.training
