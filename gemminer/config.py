@@ -276,10 +276,27 @@ def load_run_config(path: str | Path) -> RunConfig:
     return config
 
 
+# The method registry, handed over by `gemminer.methods` when it is imported (importing the
+# `gemminer` package imports it first), so that config never imports the methods that import it.
+_methods: dict[str, Any] = {}
+
+
+def use_methods(registry: dict[str, Any]) -> None:
+    """Let `resolve` look methods up in `registry` (name -> method class; the dict itself, so a
+    method added to it later is seen too)."""
+    global _methods
+    _methods = registry
+
+
+def method_class(name: str) -> Any:
+    """The registered method class `name` (its `Config`, `recipe` and `weight_init` shape a run config)."""
+    if name not in _methods:
+        raise GemminerError(f"unknown method {name!r}; allowed: {', '.join(sorted(_methods))}")
+    return _methods[name]
+
+
 def resolve(overrides: dict[str, Any]) -> RunConfig:
     """Build the run config from defaults, the data set's preset and `overrides` (nested dict)."""
-    from gemminer.methods import method_class  # the method decides the search section's type
-
     for section in SECTIONS:
         if section in overrides and overrides[section] is not None and not isinstance(overrides[section], dict):
             raise GemminerError(f"config key {section!r} must be a section (a mapping), got {overrides[section]!r}")
