@@ -171,7 +171,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
                         "results.md and plots; in parallel with --jobs or on Ray with --ray", epilog=DEFAULTS_NOTE)
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and results (default %(default)s)")
     compare.add_argument("--grid", metavar="FILE", help="grid file: base settings, named variants, densities, seeds, "
-                                                        "sanity checks (see README); replaces the next four flags")
+                                                        "sanity checks (docs/compare.md); replaces the next four flags")
     compare.add_argument("--methods", default="gemminer,random",
                          help="comma-separated methods, one variant each (default %(default)s)")
     compare.add_argument("--densities", default="0.02", help="comma-separated densities")

@@ -110,7 +110,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # move and sink as far within 30 epochs as the paper's do within 150.
         "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": 3e-4, "lr": 0.3},
         # IMP trains as long per round as Gem-Miner searches; the dense recipe (IMP's rounds, the tickets
-        # of IMP, PaI and random methods) was swept on a validation split (BENCHMARKS.md)
+        # of IMP, PaI and random methods) was swept on a validation split (docs/benchmarks.md)
         "search:imp": {"epochs": 30},
         "search:edge-popup": {"epochs": 30, "lr": 0.3, "weight_decay": 1e-4},
         "finetune:dense": {"lr": 0.1, "weight_decay": 5e-4},
@@ -241,7 +241,7 @@ def load_yaml(path: str) -> dict[str, Any]:
             raise ValueError("a binary file, not YAML")
         if not text.strip():
             raise GemminerError(f"config file {path} is empty; write the config keys there as a YAML mapping "
-                                "(README, Commands), or leave --config out")
+                                "(docs/concepts.md, Settings), or leave --config out")
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:

@@ -17,8 +17,8 @@ from gemminer.errors import GemminerError
 __all__ = ["AUTO_EVAL_BATCH", "Batches", "Dataset", "TensorData", "default_cache_dir", "load_dataset", "load_mnist1d",
            "one_thread_on_cpu", "read_npz", "split_dataset"]
 # data.eval_batch_size "auto" per device type. CPU: a ResNet-20 pass over CIFAR-10's test split
-# takes 14.0 s at 256 and 16.6 s at 1000 on 2 cores (benchmarks/eval_batch.py, BENCHMARKS.md);
-# CUDA: large batches keep the GPU busy (to be confirmed by benchmarks/gpu_check.sh).
+# takes 14.0 s at 256 and 16.6 s at 1000 on 2 cores; CUDA: 0.041 s at 1000 on one H100, within 7 ms of
+# the fastest batch (benchmarks/eval_batch.py; docs/benchmarks.md, "Evaluation batch size").
 AUTO_EVAL_BATCH = {"cpu": 256, "cuda": 1000}
 
 

@@ -22,7 +22,7 @@ def step_reference(check: Check) -> dict[str, Any]:
     have, is left out, as in every gemminer ResNet-20) on the CIFAR-10 copy that every GPU number
     here uses: JPEG re-encoded (quality 75, chroma at half resolution), not the lossless release. Its
     test accuracy against the published 91.25% sizes what the copy costs, the paper run's 5-point gap
-    to 77.89% included (BENCHMARKS.md)."""
+    to 77.89% included (docs/benchmarks.md, "The paper-scale run on a GPU")."""
     epochs, limit = check.sizes.reference
     folder = check.work / "runs" / "reference"
     shutil.rmtree(folder, ignore_errors=True)
