@@ -124,6 +124,7 @@ STEP_ROWS = [f"| {name} |" for name in STEPS if name != "reference"]
     ("h100-2026-11-26-s8", [*STEP_ROWS, "| eager fp32 |", "| eager bf16 |", "| seconds per pass |",
                             "| 1 | resnet20 | grouped |", "| 2 | resnet20 | grouped |"]),
     ("h100-2026-11-26-s8/compile-fixed", ["| `--compile` fp32 |"]),
+    ("h100-2026-11-26", ["| 1 | resnet20 | grouped |", "| 2 | resnet20 | layer by layer |"]),  # the group's runs
     ("h200-2026-11-26", ["| search | 150 |", "| finetune | 104 |"]),  # the full paper run
 ])
 def test_the_results_page_quotes_the_stored_gpu_results(folder, quoted):
