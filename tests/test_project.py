@@ -35,10 +35,10 @@ BUILD_WORDS = re.compile("|".join(first + second for first, second in _PARTS), r
 
 
 def tracked_text_files() -> list[Path]:
-    """The repository's files (committed, or new and not ignored) that are text."""
+    """The repository's tracked files that are text."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout: no list of the project's files")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=REPO,
                             capture_output=True, check=True).stdout.decode().split("\0")
     texts = []
     for name in filter(None, listed):
