@@ -81,7 +81,11 @@ def test_the_yaml_blocks_of_every_page_resolve(page, tmp_path):
 
 
 def mkdocs_config() -> dict:
-    return yaml.safe_load((REPO / "mkdocs.yml").read_text())  # plain YAML: no !!python tags
+    class Loader(yaml.SafeLoader):  # mkdocs' own tags (`!relative`) read as plain strings
+        pass
+
+    Loader.add_constructor("!relative", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load((REPO / "mkdocs.yml").read_text(), Loader=Loader)
 
 
 def nav_pages(nav) -> list[str]:
