@@ -28,7 +28,7 @@ from gemminer.models import build_model, default_model
 from gemminer.runs import RunFolder
 from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
-EXPORT_FORMATS = ("dense", "sparse")
+EXPORT_FORMATS = ("dense", "sparse", "compact")  # compact: gemminer.compact
 EXPORT_WEIGHTS = ("finetuned", "init", "start")
 SPARSE_FORMAT = "gemminer-sparse-csr-1"
 CSR_PARTS = ("crow", "col", "values")
@@ -67,8 +67,8 @@ def save_export(state: dict[str, Tensor], ticket: Ticket, path: str | os.PathLik
                 metadata: dict[str, Any] | None = None) -> Path:
     """Write `state` under `ticket` as dense or sparse safetensors; `metadata` (JSON values)
     goes into the header, e.g. the model spec `load_model` rebuilds from."""
-    if export_format not in EXPORT_FORMATS:
-        raise GemminerError(f"unknown export format {export_format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if export_format not in ("dense", "sparse"):
+        raise GemminerError(f"unknown export format {export_format!r}; allowed: dense, sparse")
     state = {name: tensor.detach().to("cpu") for name, tensor in masked_state(state, ticket).items()}
     header = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     header["density"] = repr(ticket.density)
@@ -228,4 +228,8 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
     metadata = {"model_spec": model_spec(config, dataset.input_shape, dataset.num_classes), "weights": weights,
                 "method": ticket.metadata.get("method", "unknown"), "seed": config.seed}
     out = Path(out) if out else folder.file(f"export-{weights}-{export_format}.safetensors")
+    if export_format == "compact":
+        from gemminer.compact import export_compact
+
+        return export_compact(state, ticket, metadata, out)
     return save_export(state, ticket, out, export_format, metadata)

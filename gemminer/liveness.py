@@ -266,7 +266,7 @@ class _Analyser:
         if node.op == "output":
             return
         if node.op == "get_attr":
-            value = _attribute(self.graph, node.target)
+            value = attribute(self.graph, node.target)
             if isinstance(value, Tensor):
                 self.facts[node.name] = Facts(torch.zeros_like(value, dtype=torch.bool), value.detach() != 0)
             else:
@@ -277,7 +277,7 @@ class _Analyser:
             self.values[node.name] = _call(self.graph, node, self._value(node.args, "live"),
                                            self._value(node.kwargs, "live"))
             return
-        if _is(node, None, set(), {getattr}, VALUE_METHODS):
+        if calls(node, None, set(), {getattr}, VALUE_METHODS):
             self.values[node.name] = _call(self.graph, node, self._value(node.args, "nonzero"),
                                            self._value(node.kwargs, "nonzero"))
             return
@@ -288,17 +288,17 @@ class _Analyser:
             self._weighted_function(node)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             self._batch_norm(node, module)
-        elif _is(node, module, ZERO_PRESERVING_MODULES, ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS):
+        elif calls(node, module, ZERO_PRESERVING_MODULES, ZERO_PRESERVING_FUNCTIONS, ZERO_PRESERVING_METHODS):
             source = self.facts[node.args[0].name]
             self.facts[node.name] = Facts(source.live.clone(), source.nonzero.clone())
             self.rules[node.name] = _Elementwise(node.args[0])
-        elif _is(node, module, CONSTANT_MODULES, CONSTANT_FUNCTIONS, CONSTANT_METHODS):
+        elif calls(node, module, CONSTANT_MODULES, CONSTANT_FUNCTIONS, CONSTANT_METHODS):
             source = self.facts[node.args[0].name]
             self.facts[node.name] = Facts(source.live.clone(), torch.ones_like(source.nonzero))
             self.rules[node.name] = _Elementwise(node.args[0])
         elif node.op == "call_function" and node.target in ADDS | MULS:
             self._arithmetic(node, tensors)
-        elif _is(node, module, STRUCTURAL_MODULES, STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS) or (
+        elif calls(node, module, STRUCTURAL_MODULES, STRUCTURAL_FUNCTIONS, STRUCTURAL_METHODS) or (
                 node.op == "call_function" and getattr(node.target, "__name__", "") in MAX_POOLS):
             self._structural(node, tensors, module)
         else:
@@ -323,8 +323,8 @@ class _Analyser:
         if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
             raise LivenessError(f"{_describe(node)} with a weight that is not a parameter (node {node.name})")
         bias_node = arguments[2] if len(arguments) > 2 else None
-        weight = _attribute(self.graph, weight_node.target)
-        bias = _attribute(self.graph, bias_node.target) if isinstance(bias_node, fx.Node) else bias_node
+        weight = attribute(self.graph, weight_node.target)
+        bias = attribute(self.graph, bias_node.target) if isinstance(bias_node, fx.Node) else bias_node
         rest, kwargs = node.args[3:], {k: v for k, v in node.kwargs.items() if k not in ("weight", "bias", "input")}
         target = node.target
 
@@ -508,7 +508,7 @@ class _Analyser:
         return layers
 
 
-def _is(node: fx.Node, module: nn.Module | None, modules: Any, functions: set, methods: set) -> bool:
+def calls(node: fx.Node, module: nn.Module | None, modules: Any, functions: set, methods: set) -> bool:
     """Whether `node` calls one of `modules` (types), `functions` or `methods` (names)."""
     if node.op == "call_module":
         return bool(modules) and isinstance(module, modules)
@@ -517,7 +517,7 @@ def _is(node: fx.Node, module: nn.Module | None, modules: Any, functions: set, m
     return node.op == "call_function" and node.target in functions
 
 
-def _attribute(graph: fx.GraphModule, target: str) -> Any:
+def attribute(graph: fx.GraphModule, target: str) -> Any:
     value: Any = graph
     for part in target.split("."):
         value = getattr(value, part)
