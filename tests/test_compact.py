@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemminer.cli import main
-from gemminer.compact import Plan, compact, compact_from_plan, load_compact, macs
+from gemminer.compact import Plan, compact, compact_from_plan, load_compact, macs, save_compact
 from gemminer.masking import PRUNABLE_TYPES, attach_fixed_masks
 from gemminer.models import MODELS, build_model
 from gemminer.ticket import Ticket
@@ -131,3 +131,16 @@ def test_verify_fails_above_the_tolerance(tmp_path, data_dir):
     save_state(tensors, out, metadata=header)
     result = verify_export(run, out)
     assert not result.ok and "FAILED" in result.lines()[0]
+
+
+def test_load_compact_on_the_test_device(tmp_path, device):
+    torch.manual_seed(3)
+    spec = {"name": "resnet20", "input_shape": [3, 16, 16], "num_classes": 10, "width": 8}
+    model = build_model("resnet20", (3, 16, 16), 10, width=8).eval()
+    compacted = compact(model, random_masks(model, 0.1), torch.zeros(1, 3, 16, 16))
+    save_compact(compacted, tmp_path / "c.safetensors", {"model_spec": spec})
+    loaded = load_compact(tmp_path / "c.safetensors", device)
+    inputs = torch.randn(2, 3, 16, 16)
+    expected = compacted.model(inputs)
+    got = loaded(inputs.to(device)).cpu()
+    assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
