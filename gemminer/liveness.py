@@ -62,7 +62,7 @@ STRUCTURAL_MODULES = (nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d, nn.A
 STRUCTURAL_FUNCTIONS = {torch.flatten, torch.reshape, operator.getitem, F.pad, torch.cat, torch.concat, torch.stack,
                         F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                         F.adaptive_avg_pool3d, torch.mean, torch.sum, torch.transpose, torch.permute, torch.squeeze,
-                        torch.unsqueeze, torch.movedim, torch.narrow, torch.chunk}
+                        torch.unsqueeze, torch.movedim, torch.narrow}
 STRUCTURAL_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "mean", "sum", "squeeze", "unsqueeze",
                       "expand", "expand_as", "view_as", "reshape_as", "narrow", "movedim", "unflatten"}
 MAX_POOLS = {"max_pool1d": F.avg_pool1d, "max_pool2d": F.avg_pool2d, "max_pool3d": F.avg_pool3d,

@@ -144,3 +144,16 @@ def test_load_compact_on_the_test_device(tmp_path, device):
     expected = compacted.model(inputs)
     got = loaded(inputs.to(device)).cpu()
     assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in page.split("```python\n")[1:]]
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/inference.md", "exec"), namespace)
+    assert namespace["logits"].shape == (8, 10)
