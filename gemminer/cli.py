@@ -186,10 +186,11 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's model with pruned weights 0: dense, or sparse (CSR)")
     export.add_argument("--run", required=True, help="run folder")
     export.add_argument("--format", default="dense",
-                        help="dense | sparse | compact (dead channels removed) (default %(default)s)")
+                        help="dense | sparse | compact (dead channels removed) | mnn (MNN runtime, sparse weights; the "
+                             "mnn extra) (default %(default)s)")
     export.add_argument("--weights", default="finetuned",
                         help="finetuned | init | start (IMP's rewind point) (default %(default)s)")
-    export.add_argument("--out", help="file (default: <run>/export-<weights>-<format>.safetensors)")
+    export.add_argument("--out", help="file (default: <run>/export-<weights>-<format>.safetensors, .mnn for mnn)")
     export.add_argument("--verify", action="store_true",
                         help="run the export beside the masked model on test samples; exit 1 above --tolerance")
     export.add_argument("--tolerance", type=float, default=1e-4,

@@ -428,18 +428,12 @@ def export_compact(state: dict[str, Tensor], ticket: Any, metadata: dict[str, An
     """Compact the registered model of ``metadata["model_spec"]`` holding `state` under `ticket`, and write
     it with `save_compact`; the header also gets the MACs per input: dense, left by the mask
     (``macs_remaining``) and run by the compacted network (``macs_compact``)."""
-    from gemminer.export import masked_state
-    from gemminer.models import build_model
+    from gemminer.export import load_model_state, masked_state
 
     spec = metadata["model_spec"]
     input_shape = tuple(spec["input_shape"])
-    model = build_model(spec["name"], input_shape, spec["num_classes"], affine_bn=spec.get("affine_bn", False),
-                        bias=spec.get("bias", False), width=spec.get("width"))
-    try:
-        model.load_state_dict(masked_state(state, ticket), strict=True)
-    except RuntimeError as err:
-        raise GemminerError(f"the weights do not fit model {spec['name']}: {str(err).splitlines()[0]}") from err
-    compacted = compact(model.eval(), ticket.masks, torch.zeros((1, *input_shape)))
+    model = load_model_state(masked_state(state, ticket), spec)
+    compacted = compact(model, ticket.masks, torch.zeros((1, *input_shape)))
     header = {**metadata, "density": ticket.density, **mac_counts(model, ticket.masks, input_shape),
               "macs_compact": macs(compacted.model, input_shape)}
     return save_compact(compacted, path, header)

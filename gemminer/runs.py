@@ -337,9 +337,10 @@ def code_commit() -> str:
 def later_files() -> list[str]:
     """The default files that commands run on a finished run write into its folder: `export`'s and
     `report`'s charts (of the folder, of its ticket and gem)."""
-    from gemminer.export import EXPORT_FORMATS, EXPORT_WEIGHTS
+    from gemminer.export import EXPORT_FORMATS, EXPORT_SUFFIX, EXPORT_WEIGHTS, export_filename
 
-    exports = [f"export-{weights}-{form}.safetensors" for weights in EXPORT_WEIGHTS for form in EXPORT_FORMATS]
+    exports = [export_filename(weights, form) for weights in EXPORT_WEIGHTS for form in EXPORT_FORMATS]
+    exports += [f"{name}.json" for name in exports if name.endswith(tuple(EXPORT_SUFFIX.values()))]
     return [*exports, "layer_density.png", "ticket-density.png", "gem-density.png"]
 
 

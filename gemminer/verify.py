@@ -8,14 +8,16 @@ most the tolerance.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, reading
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Verification:
         return out
 
 
-def compare_outputs(reference: nn.Module, exported: nn.Module, inputs: Tensor, tolerance: float) -> Verification:
+def compare_outputs(reference: nn.Module, exported: Any, inputs: Tensor, tolerance: float) -> Verification:
     """Both models on `inputs` (eval mode, no gradients)."""
     with torch.no_grad():
         expected, got = reference.eval()(inputs), exported.eval()(inputs)
@@ -59,15 +61,13 @@ def verify_export(run_dir: str | os.PathLike, path: str | os.PathLike, tolerance
     """Verify the export file `path` of the run folder `run_dir` (any export format)."""
     from gemminer.data import load_dataset
     from gemminer.experiment import load_run
-    from gemminer.export import masked_state
-    from gemminer.models import build_model
+    from gemminer.export import load_model_state, masked_state
     from gemminer.runs import RunFolder
-    from gemminer.ticket import decode_header, read_safetensors
+    from gemminer.ticket import read_safetensors
 
     if tolerance < 0 or samples < 1:
         raise GemminerError("verify needs a tolerance >= 0 and at least one sample")
-    _, header = read_safetensors(path, what="exported model")
-    metadata = decode_header(header, keep_strings=("plan",))
+    metadata = export_metadata(path)
     spec, weights = metadata.get("model_spec"), metadata.get("weights", "finetuned")
     if not isinstance(spec, dict):
         raise GemminerError(f"{path} names no model (no model_spec): it cannot be verified")
@@ -75,10 +75,7 @@ def verify_export(run_dir: str | os.PathLike, path: str | os.PathLike, tolerance
     files = {"finetuned": "finetuned.safetensors", "start": "start.safetensors"}
     state = init if weights == "init" else read_safetensors(RunFolder(run_dir).file(files[weights]),
                                                            what=f"{weights} weights")[0]
-    reference = build_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
-                            affine_bn=spec.get("affine_bn", False), bias=spec.get("bias", False),
-                            width=spec.get("width"))
-    reference.load_state_dict(masked_state(state, ticket), strict=True)
+    reference = load_model_state(masked_state(state, ticket), spec)
     exported = load_exported(path, metadata.get("format"))
     dataset = load_dataset(config.data.name, config.data.dir, config.data.num_samples)
     inputs = dataset.test.x[:samples]
@@ -90,11 +87,29 @@ def verify_export(run_dir: str | os.PathLike, path: str | os.PathLike, tolerance
     return result
 
 
-def load_exported(path: str | os.PathLike, export_format: object) -> nn.Module:
+def export_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """An export's metadata: its safetensors header, or an MNN file's ``<file>.json``."""
+    from gemminer.ticket import decode_header, read_safetensors
+
+    if Path(path).suffix == ".mnn":
+        sidecar = Path(f"{path}.json")
+        if not sidecar.is_file():
+            raise GemminerError(f"{path} has no {sidecar.name} beside it (written by gemminer export --format mnn)")
+        with reading(sidecar, "export metadata"):
+            return json.loads(sidecar.read_text())
+    _, header = read_safetensors(path, what="exported model")
+    return decode_header(header, keep_strings=("plan",))
+
+
+def load_exported(path: str | os.PathLike, export_format: object) -> Any:
     """The runnable model of an export file, by its format."""
     from gemminer.compact import COMPACT_FORMAT, load_compact
     from gemminer.export import load_model
 
     if export_format == COMPACT_FORMAT:
         return load_compact(path)
+    if export_format == "mnn":
+        from gemminer.mnn_export import MNNModel
+
+        return MNNModel(path)
     return load_model(Path(path), sparse=True)
