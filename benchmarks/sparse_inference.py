@@ -6,9 +6,12 @@ subset at 0.0372, 0.0144 and 0.0059 (and VGG-16 at 0.014 with --vgg). Each ticke
 ``gemminer export --format compact --verify``, then the dense masked model (pruned weights stored as
 zeros) and the compacted one are timed alternately in one process, at batch 1 and 256, on 1 thread and on
 all threads: median of the repeats with the spread (min-max), and the machine's load average before and
-after. Finished runs are reused. On a machine with a CUDA GPU, ``--device cuda`` times the same pairs there.
+after. With --mnn (the mnn extra) MNN's CPU runtime joins: the masked model converted dense and with
+sparse weight detection (``gemminer export --format mnn``). Speed-ups are given over dense PyTorch and
+over the fastest dense runtime (PyTorch or MNN dense). Finished runs are reused. On a machine with a CUDA
+GPU, ``--device cuda`` times dense vs. compacted there.
 
-    python benchmarks/sparse_inference.py --cifar PATH [--out runs/sparse-inference] [--vgg] [--seconds 4]
+    python benchmarks/sparse_inference.py --cifar PATH [--out runs/sparse-inference] [--mnn] [--vgg] [--seconds 4]
 
 PATH is an unpacked CIFAR-10 image folder (PATH/train/<class>/*.jpg, PATH/test/<class>/*.jpg).
 """
@@ -86,9 +89,29 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
-def measure(run: Path, device: torch.device, seconds: float, threads: list[int]) -> tuple[list[dict], dict]:
+def mnn_files(run: Path) -> dict[str, Path]:
+    """The masked model as MNN files: converted dense, and with sparse weight detection."""
+    from gemminer.mnn_export import export_mnn
+
+    files = {"mnn dense": run / "bench-mnn-dense.mnn", "mnn sparse": run / "bench-mnn-sparse.mnn"}
+    model = load_model(run / "export-finetuned-dense.safetensors", sparse=False)
+    shape = tuple(model_spec(run)["input_shape"])
+    for name, path in files.items():
+        if not path.is_file():
+            export_mnn(model, shape, path, sparse=name == "mnn sparse")
+    return files
+
+
+def model_spec(run: Path) -> dict:
+    _, header = read_safetensors(run / "export-finetuned-compact.safetensors", what="compacted model")
+    return decode_header(header, keep_strings=("plan",))["model_spec"]
+
+
+def measure(run: Path, device: torch.device, seconds: float, threads: list[int],
+            use_mnn: bool) -> tuple[list[dict], dict]:
     dense = load_model(run / "export-finetuned-dense.safetensors", sparse=False).to(device)
     compacted = load_compact(run / "export-finetuned-compact.safetensors", device)
+    files = mnn_files(run) if use_mnn else {}
     _, header = read_safetensors(run / "export-finetuned-compact.safetensors", what="compacted model")
     meta = decode_header(header, keep_strings=("plan",))
     ticket = Ticket.load(run / "ticket.safetensors")
@@ -102,21 +125,35 @@ def measure(run: Path, device: torch.device, seconds: float, threads: list[int])
         batch = torch.randn(batch_size, *spec["input_shape"], device=device)
         for count in threads if device.type == "cpu" else [torch.get_num_threads()]:
             torch.set_num_threads(count)
-            dense_ms, compact_ms = paired_times([dense, compacted], batch, seconds)
-            rows.append({**{k: info[k] for k in ("model", "density", "macs_density", "compact_macs")},
-                         "batch": batch_size, "threads": count, "dense_ms": dense_ms, "compact_ms": compact_ms,
-                         "speedup": statistics.median(dense_ms) / statistics.median(compact_ms)})
+            from gemminer.mnn_export import MNNModel
+
+            runtimes = {name: MNNModel(path, threads=count) for name, path in files.items()}
+            times = paired_times([dense, compacted, *runtimes.values()], batch, seconds)
+            row = {**{k: info[k] for k in ("model", "density", "macs_density", "compact_macs")},
+                   "batch": batch_size, "threads": count, "dense_ms": times[0], "compact_ms": times[1],
+                   **{f"{name}_ms": found for name, found in zip(runtimes, times[2:], strict=True)}}
+            fastest_dense = min(statistics.median(row[key]) for key in ("dense_ms", "mnn dense_ms") if key in row)
+            fastest = min(statistics.median(row[key]) for key in ("compact_ms", "mnn sparse_ms") if key in row)
+            row.update(speedup=statistics.median(times[0]) / fastest,
+                       speedup_over_fastest_dense=fastest_dense / fastest)
+            rows.append(row)
     return rows, info
 
 
 def table(rows: list[dict], device: torch.device) -> str:
+    """Latencies in ms, median (min-max); the speed-ups take the faster of compacted PyTorch and MNN sparse."""
+    mnn = any("mnn dense_ms" in row for row in rows)
+    extra = " MNN dense ms | MNN sparse ms |" if mnn else ""
     lines = ["| model | weight density | MAC density | compacted MACs | batch | threads | dense PyTorch ms | "
-             "compacted ms | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+             f"compacted ms |{extra} speed-up over dense PyTorch | over the fastest dense runtime |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if mnn else "") + "---|---|"]
     for row in rows:
         threads = row["threads"] if device.type == "cpu" else device.type
+        runtimes = f" {spread(row['mnn dense_ms'])} | {spread(row['mnn sparse_ms'])} |" if mnn else ""
         lines.append(f"| {row['model']} | {row['density']:.4f} | {row['macs_density']:.4f} | "
                      f"{row['compact_macs']:.4f} | {row['batch']} | {threads} | {spread(row['dense_ms'])} | "
-                     f"{spread(row['compact_ms'])} | {row['speedup']:.2f}x |")
+                     f"{spread(row['compact_ms'])} |{runtimes} {row['speedup']:.2f}x | "
+                     f"{row['speedup_over_fastest_dense']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -137,6 +174,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated models to run (default: all)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing budget per pair and setting")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mnn", action="store_true", help="add MNN dense and MNN sparse (the mnn extra; CPU)")
     parser.add_argument("--json", help="write the rows here too")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -150,7 +188,7 @@ def main() -> None:
     rows, infos = [], []
     for model, density in tickets:
         run = make_run(Path(args.out), model, density, args.cifar)
-        found, info = measure(run, device, args.seconds, threads)
+        found, info = measure(run, device, args.seconds, threads, args.mnn and device.type == "cpu")
         rows += found
         infos.append(info)
         print(table(found, device), flush=True)

@@ -86,11 +86,13 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, list[i
     if elementwise:
         return "tied" if _single_tensor(node, shapes) else "full"
     if node.op == "call_function" and node.target in lv.ADDS | lv.MULS:
-        return "tied"
+        # a parameter that is not laid out per sample (a (C,) offset) would need its own indexing
+        constant = any(arg.op == "get_attr" and arg.name not in shapes for arg in node.all_input_nodes)
+        return "full" if constant else "tied"
     if lv.calls(node, module, POOL_MODULES, POOL_FUNCTIONS, set()) or (
             node.op == "call_function" and getattr(node.target, "__name__", "").lstrip("_") in lv.MAX_POOLS):
         return "tied" if _single_tensor(node, shapes) else "full"
-    if lv.calls(node, module, (nn.Flatten,), {torch.flatten}, FLATTENS):
+    if lv.calls(node, module, (nn.Flatten,), {torch.flatten}, FLATTENS) and _flattens_per_sample(node, module):
         source = node.args[0] if isinstance(node.args[0], fx.Node) else None
         if source is not None and source.name in shapes:
             before, after = shapes[source.name], shapes[node.name]
@@ -99,6 +101,20 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, list[i
     if node.op == "call_function" and node.target is operator.getitem and _spatial_index(node):
         return "tied"
     return "full"
+
+
+def _flattens_per_sample(node: fx.Node, module: nn.Module | None) -> bool:
+    """flatten from dimension 1 to the end, or view/reshape(batch or -1, -1 or the size): the batch stays."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    if node.target in (torch.flatten, "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], tuple | list):
+        sizes = tuple(sizes[0])
+    return len(sizes) == 2 and (sizes[0] == -1 or isinstance(sizes[0], fx.Node))
 
 
 def _single_tensor(node: fx.Node, shapes: dict[str, list[int]]) -> bool:
@@ -121,11 +137,12 @@ def _product(shape: list[int]) -> int:
     return out
 
 
-def _tied_inputs(node: fx.Node, shapes: dict[str, list[int]]) -> list[fx.Node]:
-    """The tensor inputs whose channel c meets the output's channel c (not broadcast ones, not constants)."""
+def _tied_inputs(node: fx.Node, shapes: dict[str, list[int]], constants: bool = False) -> list[fx.Node]:
+    """The tensor inputs whose channel c meets the output's channel c (not broadcast ones; parameters
+    only with `constants`: they are indexed to the group's channels, never widen it)."""
     out = shapes[node.name]
     return [arg for arg in node.all_input_nodes
-            if arg.name in shapes and arg.op != "get_attr" and shapes[arg.name][:1] == out[:1]
+            if arg.name in shapes and (constants or arg.op != "get_attr") and shapes[arg.name][:1] == out[:1]
             and len(shapes[arg.name]) == len(out)]
 
 
@@ -293,7 +310,7 @@ class _Builder:
                 new = self.graph.call_module(node.target, (self.fetch(node.args[0], kept),))
                 self.env[node.name] = (new, kept)
             elif kind == "tied":
-                want = {arg.name: kept for arg in _tied_inputs(node, shapes)}
+                want = {arg.name: kept for arg in _tied_inputs(node, shapes, constants=True)}
                 want.update({arg.name: self.full(arg.name) for arg in node.all_input_nodes if arg.name not in want})
                 self.env[node.name] = (self.emit(node, *self.args(node, want)), kept)
             elif kind == "flatten":

@@ -87,6 +87,30 @@ def test_compaction_is_exact_on_a_user_model_with_a_residual():
     assert_exact(model, masks, (3, 8, 8))
 
 
+class WithParameters(nn.Module):
+    """Parameters used directly in the graph: a per-channel offset, a feature offset, a fixed-batch view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 6, 3, padding=1, bias=False)
+        self.offset = nn.Parameter(torch.randn(1, 6, 1))
+        self.fc = nn.Linear(6 * 5, 4, bias=False)
+        self.shift = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)) * self.offset
+        return self.fc(h.reshape(-1, 6 * 5)) + self.shift
+
+
+def test_compaction_is_exact_with_parameters_in_the_graph():
+    torch.manual_seed(4)
+    model = WithParameters().eval().double()
+    masks = random_masks(model, 0.6)
+    masks["conv.weight"][1] = False
+    compacted = assert_exact(model, masks, (2, 5))
+    assert compacted.layers["conv.weight"][2] < 6
+
+
 def test_saved_plan_and_weights_rebuild_the_model(tmp_path):
     torch.manual_seed(2)
     model = build_model("resnet20", (3, 16, 16), 10, width=8).eval()
