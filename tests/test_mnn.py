@@ -12,10 +12,23 @@ from gemminer.models import build_model
 from tests.test_cli import flags
 from tests.test_compact import random_masks
 
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(name) for name in ("MNN", "_tools", "onnx")),
-    reason="needs the mnn extra (pip install 'gemminer[mnn]')")
+needs_mnn = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("MNN", "_tools", "onnx")),
+                               reason="needs the mnn extra (pip install 'gemminer[mnn]')")
 
+
+def test_without_the_extra_the_error_is_one_line(tmp_path, monkeypatch):
+    from gemminer.errors import GemminerError
+    from gemminer.mnn_export import MNNModel, onnx_to_mnn
+
+    monkeypatch.setitem(sys.modules, "_tools", None)  # import fails as where mnn is not installed
+    monkeypatch.setitem(sys.modules, "MNN", None)
+    with pytest.raises(GemminerError, match="gemminer\\[mnn\\]"):
+        onnx_to_mnn(tmp_path / "m.onnx", tmp_path / "m.mnn")
+    with pytest.raises(GemminerError, match="gemminer\\[mnn\\]"):
+        MNNModel(tmp_path / "m.mnn")
+
+
+@needs_mnn
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_masked_resnet20_runs_in_mnn_within_tolerance(tmp_path, sparse):
@@ -34,6 +47,7 @@ def test_masked_resnet20_runs_in_mnn_within_tolerance(tmp_path, sparse):
     assert "MNN.tools" not in sys.modules  # the wrapper that logs over the network and pip-installs
 
 
+@needs_mnn
 def test_export_mnn_and_verify(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
     assert main(["mine", "--out", str(run), *flags(data_dir)]) == 0
