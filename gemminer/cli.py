@@ -386,6 +386,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gemminer.export import export_run
 
+    if args.verify and (args.tolerance < 0 or args.verify_samples < 1):
+        raise GemminerError("--verify needs --tolerance >= 0 and --verify-samples >= 1")
     path = export_run(args.run, args.format, args.weights, args.out)
     print(f"{args.format} export of the {args.weights} weights: {path} ({path.stat().st_size} bytes)")
     if args.format == "compact":
