@@ -207,10 +207,18 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a run's model with pruned weights 0: dense, or sparse (CSR)")
     export.add_argument("--run", required=True, help="run folder")
-    export.add_argument("--format", default="dense", help="dense | sparse (default %(default)s)")
+    export.add_argument("--format", default="dense",
+                        help="dense | sparse | compact (dead channels removed) | mnn (MNN runtime, sparse weights; the "
+                             "mnn extra) (default %(default)s)")
     export.add_argument("--weights", default="finetuned",
                         help="finetuned | init | start (IMP's rewind point) (default %(default)s)")
-    export.add_argument("--out", help="file (default: <run>/export-<weights>-<format>.safetensors)")
+    export.add_argument("--out", help="file (default: <run>/export-<weights>-<format>.safetensors, .mnn for mnn)")
+    export.add_argument("--verify", action="store_true",
+                        help="run the export beside the masked model on test samples; exit 1 above --tolerance")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest output difference allowed, relative to the largest output (default %(default)s)")
+    export.add_argument("--verify-samples", type=int, default=256, help="test samples to verify on (default "
+                                                                         "%(default)s)")
     return parser
 
 
@@ -400,9 +408,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gemminer.export import export_run
 
+    if args.verify and (args.tolerance < 0 or args.verify_samples < 1):
+        raise GemminerError("--verify needs --tolerance >= 0 and --verify-samples >= 1")
     path = export_run(args.run, args.format, args.weights, args.out)
     print(f"{args.format} export of the {args.weights} weights: {path} ({path.stat().st_size} bytes)")
-    return 0
+    if args.format == "compact":
+        from gemminer.compact import describe
+
+        print(describe(path))
+    if not args.verify:
+        return 0
+    from gemminer.verify import verify_export
+
+    result = verify_export(args.run, path, args.tolerance, args.verify_samples)
+    print("\n".join(result.lines()))
+    return 0 if result.ok else 1
 
 
 COMMANDS = {"mine": cmd_mine, "eval": cmd_eval, "finetune": cmd_finetune, "compare": cmd_compare,

@@ -18,6 +18,7 @@ from torch import nn
 
 from gemminer import __version__, distributed
 from gemminer.checkpoint import Checkpointer, StopFlag
+from gemminer.compact import mac_counts
 from gemminer.config import RunConfig, load_run_config, merge, resolve, result_tree, to_dict
 from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, load_dataset
 from gemminer.errors import GemminerError
@@ -259,6 +260,7 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         "start_point": start_point, "start_step": start_step_of(ticket),
         "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
         "torch": torch.__version__, "gemminer": __version__,
+        **mac_counts(run.model, ticket.masks, run.dataset.input_shape),
     }
     folder.finish(summary)
     return summary
@@ -395,7 +397,8 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
                    "recipe": method_class(method).recipe if method in METHODS else None,
                    "training": to_dict(config.finetune), "start_step": start_step,
                    "start_point": ticket.metadata.get("start_point", "init") if on_start_weights else "init",
-                   "device": str(run.device), "processes": distributed.world_size()}
+                   "device": str(run.device), "processes": distributed.world_size(),
+                   **mac_counts(run.model, ticket.masks, run.dataset.input_shape)}
         folder.finish(summary)
     return summary
 

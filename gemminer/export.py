@@ -28,7 +28,8 @@ from gemminer.models import build_model, default_model
 from gemminer.runs import RunFolder
 from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
-EXPORT_FORMATS = ("dense", "sparse")
+EXPORT_FORMATS = ("dense", "sparse", "compact", "mnn")  # compact: gemminer.compact; mnn: gemminer.mnn_export
+EXPORT_SUFFIX = {"mnn": ".mnn"}  # the others are safetensors
 EXPORT_WEIGHTS = ("finetuned", "init", "start")
 SPARSE_FORMAT = "gemminer-sparse-csr-1"
 CSR_PARTS = ("crow", "col", "values")
@@ -67,8 +68,8 @@ def save_export(state: dict[str, Tensor], ticket: Ticket, path: str | os.PathLik
                 metadata: dict[str, Any] | None = None) -> Path:
     """Write `state` under `ticket` as dense or sparse safetensors; `metadata` (JSON values)
     goes into the header, e.g. the model spec `load_model` rebuilds from."""
-    if export_format not in EXPORT_FORMATS:
-        raise GemminerError(f"unknown export format {export_format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if export_format not in ("dense", "sparse"):
+        raise GemminerError(f"unknown export format {export_format!r}; allowed: dense, sparse")
     state = {name: tensor.detach().to("cpu") for name, tensor in masked_state(state, ticket).items()}
     header = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     header["density"] = repr(ticket.density)
@@ -198,6 +199,22 @@ def load_model(path: str | os.PathLike, sparse: bool = True) -> nn.Module:
     return sparse_linear(model) if sparse else model
 
 
+def export_filename(weights: str, export_format: str) -> str:
+    """The default file name of an export in its run folder."""
+    return f"export-{weights}-{export_format}{EXPORT_SUFFIX.get(export_format, '.safetensors')}"
+
+
+def load_model_state(state: dict[str, Tensor], spec: dict[str, Any]) -> nn.Module:
+    """The registered model of `spec` holding `state`, in eval mode."""
+    model = build_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
+                        affine_bn=spec.get("affine_bn", False), bias=spec.get("bias", False), width=spec.get("width"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise GemminerError(f"the weights do not fit model {spec['name']}: {str(err).splitlines()[0]}") from err
+    return model.eval()
+
+
 def model_spec(config: Any, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
     """What `load_model` needs to rebuild a registered model of a run config."""
     return {"name": config.model.name, "input_shape": list(input_shape), "num_classes": num_classes,
@@ -227,5 +244,15 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
     config.model.name = config.model.name or default_model(dataset.name)
     metadata = {"model_spec": model_spec(config, dataset.input_shape, dataset.num_classes), "weights": weights,
                 "method": ticket.metadata.get("method", "unknown"), "seed": config.seed}
-    out = Path(out) if out else folder.file(f"export-{weights}-{export_format}.safetensors")
+    out = Path(out) if out else folder.file(export_filename(weights, export_format))
+    if export_format == "compact":
+        from gemminer.compact import export_compact
+
+        model = load_model_state(masked_state(state, ticket), metadata["model_spec"])
+        return export_compact(model, ticket, metadata, out)
+    if export_format == "mnn":
+        from gemminer.mnn_export import export_mnn
+
+        model = load_model_state(masked_state(state, ticket), metadata["model_spec"])
+        return export_mnn(model, dataset.input_shape, out, sparse=True, metadata=metadata)
     return save_export(state, ticket, out, export_format, metadata)

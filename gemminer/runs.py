@@ -336,10 +336,12 @@ def code_commit() -> str:
 
 def later_files(folder: Path) -> list[Path]:
     """The default files that commands run on a finished run write into `folder`: `export`'s
-    (``export-<weights>-<format>.safetensors``, whose names `gemminer.export` owns) and `report`'s
-    charts (of the folder, of its ticket and gem)."""
+    (``export-<weights>-<format>.<suffix>`` and an MNN file's ``.json`` beside it, whose names
+    `gemminer.export` owns) and `report`'s charts (of the folder, of its ticket and gem)."""
     charts = [folder / name for name in ("layer_density.png", "ticket-density.png", "gem-density.png")]
-    return [*sorted(folder.glob("export-*-*.safetensors")), *charts]
+    exports = [path for pattern in ("export-*-*.safetensors", "export-*-*.mnn", "export-*-*.mnn.json")
+               for path in sorted(folder.glob(pattern))]
+    return [*exports, *charts]
 
 
 def summary_writer_class() -> Any:
