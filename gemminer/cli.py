@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 import warnings
@@ -20,7 +21,7 @@ from gemminer import distributed
 from gemminer.allocator import keep_freed_memory
 from gemminer.checkpoint import StopRequested
 from gemminer.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, load_yaml, merge, resolve
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, os_error_line
 
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "finetune": FinetuneConfig}
 DEFAULTS_NOTE = ("Defaults shown are the paper's. With --preset auto (the default) a data set may replace some: "
@@ -201,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     except GemminerError as err:
         print(f"gemminer: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file the command writes or reads that no guard named: still one line
+        if os.environ.get("GEMMINER_DEBUG"):
+            raise
+        print(f"gemminer: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
     except StopRequested as stop:
         print(f"gemminer: stopped by {stop.signal_name} after writing a checkpoint; run the same command again "
               "to resume", file=sys.stderr)
@@ -369,7 +375,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         ticket = Ticket.load(path)
         png = Path(args.png) if args.png else path.with_name(path.stem + "-density.png")
-    chart = plot_layer_density(ticket, png)  # first: a chart that cannot be written is one line, before the table
+    # first: a chart that cannot be written (or would land on a run's own file) is one line, before the table
+    chart = plot_layer_density(ticket, png, inputs=[path])
     print(ticket.layer_report(macs))
     print(f"density chart: {chart}")
     return 0

@@ -169,6 +169,26 @@ def check_inputs(tasks: list[Task], force: bool = False) -> None:
         setup(config)
 
 
+def check_folders(tasks: list[Task], force: bool = False) -> None:
+    """Refuse the grid, before anything runs or is written, where a cell's folder holds a run of another
+    config that its `mine` would refuse (a changed grid): its finished results and tables stay as they are."""
+    if force:
+        return
+    for task in tasks:
+        folder = RunFolder(task.args["out"])
+        if task.kind != "mine" or not folder.file("config.yaml").is_file():
+            continue
+        if not folder.finished and folder.computed_nothing:
+            continue  # an earlier try stopped at bad input: the cell starts over
+        differing = {key: values for key, values in folder.config_differences(resolve(task.args["overrides"])).items()
+                     if key != "device"}  # workers on several GPUs run cells on cuda:N
+        if differing:
+            details = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in list(differing.items())[:4])
+            raise GemminerError(f"{folder.path} holds a run of another config than the grid's ({details}); nothing "
+                                "was run or written: restore the grid, choose another --out, or pass --force to "
+                                "rerun the changed cells")
+
+
 def execute(tasks: list[Task], jobs: int = 1, ray_address: str | None = None, force: bool = False,
             progress: bool = True, report: Callable[[str], None] | None = print) -> dict[str, str]:
     """Run every task once its needs are done: serially, in `jobs` processes, or on Ray.
@@ -306,8 +326,14 @@ class _RayRunner:
             raise GemminerError("--ray needs the ray package: pip install 'gemminer[ray]'") from None
         self.ray, self.force = ray, force
         if not ray.is_initialized():
-            ray.init(address=None if address in ("", "local") else address, include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True)
+            try:
+                ray.init(address=None if address in ("", "local") else address, include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            except Exception as err:  # Ray's failures to connect take many types
+                if os.environ.get("GEMMINER_DEBUG"):
+                    raise
+                detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise GemminerError(f"cannot connect to Ray at {address or 'a local instance'}: {detail}") from None
         self.remote = ray.remote(num_cpus=1)(run_task)
 
     def submit(self, task: Task) -> Any:
@@ -333,6 +359,11 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
     """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md."""
     out = output_folder(out, "grid output folder")
     cells, tasks = plan(grid, out)
+    check_folders(tasks, force)  # a refused grid writes nothing, not even empty tables
+    if ray_address is not None:
+        from gemminer.raycheck import check_ray_address
+
+        check_ray_address(ray_address)
     if ray_address is None:  # a cluster's workers may hold data (or devices) that this machine lacks
         check_inputs(tasks, force)
     try:

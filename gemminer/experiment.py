@@ -181,6 +181,12 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
                                       is_writer=distributed.is_main(), barrier=distributed.barrier)
             distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
             checkpoint.pipeline.setdefault("rows", [])
+            if resuming and checkpoint.state:  # what the run wrote before its checkpoint must be as it wrote it
+                folder.check_written(checkpoint.pipeline.get("files", {}))
+            elif resuming and initial_files is not None:  # stopped before its first checkpoint: its start again
+                initial_files(folder)
+            folder.written.update(checkpoint.pipeline.get("files", {}))
+            checkpoint.pipeline["files"] = folder.written  # one dict: every checkpoint saves the current digests
             if resuming:
                 loop = checkpoint.state.get("loop") or {}
                 folder.rewrite_metrics(checkpoint.pipeline["rows"] + loop.get("history", []))
@@ -208,6 +214,9 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
     (`force` starts it over); a finished one is refused unless `force`.
     """
     run = setup(config)
+    method_cls = method_class(config.method)  # its options checked against the density and model before the folder
+    method_cls(config.density, config.search, seed=config.seed, device=run.device)
+    method_cls.check_model(config.search, run.model, run.prunable)
     init_files = lambda folder: folder.write_state(run.model.state_dict(), "init.safetensors")  # noqa: E731
     with run_session(config, out, force, resume, init_files) as (folder, checkpoint):
         return _mine_phases(config, run, folder, checkpoint, progress)
