@@ -51,8 +51,14 @@ def output_folder(out: str | os.PathLike | None, what: str = "run folder") -> Pa
         raise GemminerError(f"the {what} path is empty; name a folder, e.g. --out runs/my-run")
     path = Path(out)
     if path.is_symlink() and not path.exists():
-        raise GemminerError(f"the {what} {path} is a symlink to {os.readlink(path)}, which does not exist; "
-                            "create that folder or name another --out")
+        try:
+            path.resolve(strict=True)
+            reason = f"a symlink to {os.readlink(path)}, which cannot be reached;"
+        except FileNotFoundError:
+            reason = f"a symlink to {os.readlink(path)}, which does not exist; create that folder or"
+        except (OSError, RuntimeError):
+            reason = "a symlink loop;"
+        raise GemminerError(f"the {what} {path} is {reason} name another --out")
     try:
         resolved = path.expanduser().resolve()
     except (OSError, RuntimeError) as err:  # a symlink loop
