@@ -27,6 +27,8 @@ SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "finetune": Finetun
 DEFAULTS_NOTE = ("Defaults shown are the paper's. With --preset auto (the default) a data set may replace some: "
                  "mnist1d searches 30 epochs, freeze period 2, lambda 3e-4, lr 0.3. config.yaml in the run folder "
                  "holds every value used.")
+THREADS_HELP = ("CPU threads of the tensor operations: auto (from the usable cores, how many are busy and the "
+                "model's size, decided at start; see docs/robustness.md) | N")
 SHORT_FLAGS = {("data", "name"): "--data", ("model", "name"): "--model", ("search", "epochs"): "--epochs",
                ("data", "download"): "--download"}
 
@@ -144,6 +146,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     tune.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                       help="run training steps and evaluation under torch.compile (CUDA graphs on CUDA)")
     tune.add_argument("--device", default=None, help="auto | cpu | cuda")
+    tune.add_argument("--threads", default=None, metavar="THREADS", help=THREADS_HELP)
 
     compare = commands.add_parser(
         "compare", help="a grid of variants x densities x seeds (plus dense training, sanity checks): results.csv, "
@@ -177,6 +180,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
                        help="comma-separated: shuffle, reinit, invert (default %(default)s)")
     check.add_argument("--force", action="store_true", help="retrain finished variants")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
+    check.add_argument("--threads", default=None, metavar="THREADS", help=THREADS_HELP + " (default: the run's)")
 
     report = commands.add_parser(
         "report", help="per-layer table (shape, parameters, remaining, density, MACs remaining) and a density PNG")
@@ -350,7 +354,7 @@ def cmd_sanity(args: argparse.Namespace) -> int:
     from gemminer.sanity import sanity
 
     report = print if distributed.is_main() else None
-    sanity(args.run, args.checks, force=args.force, progress=not args.quiet, report=report)
+    sanity(args.run, args.checks, force=args.force, progress=not args.quiet, report=report, threads=args.threads)
     if distributed.is_main():
         print(f"written: {Path(args.run) / 'sanity.json'}")
     return 0

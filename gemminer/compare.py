@@ -62,7 +62,8 @@ def _run(overrides: dict[str, Any], out: Path, force: bool, progress: bool) -> d
     return mine(config, out, force=force, progress=progress)
 
 
-def _train_stop(run: str, density: float, out: str, force: bool, progress: bool) -> dict[str, Any]:
+def _train_stop(run: str, density: float, out: str, force: bool, progress: bool,
+                threads: int | None = None) -> dict[str, Any]:
     """Train the ticket an IMP run kept at `density` from its own start weights."""
     from gemminer.experiment import _density_name, finetune_saved, load_run, read_start
     from gemminer.ticket import Ticket, read_safetensors
@@ -72,6 +73,8 @@ def _train_stop(run: str, density: float, out: str, force: bool, progress: bool)
     if target.finished and not force:
         return target.summary()
     config, _, _, init = load_run(run)
+    if threads:
+        config.threads = threads  # a worker's share of the cores, not the IMP run's own setting
     name = _density_name(density)
     ticket = Ticket.load(folder.file(f"tickets/{name}.safetensors"))
     own_start = folder.file(f"tickets/{name}-start.safetensors")
@@ -90,12 +93,13 @@ def run_task(task: Task, threads: int | None = None, device: str | None = None, 
     if threads:
         torch.set_num_threads(threads)
     args = task.args
-    if task.kind == "mine":
-        overrides = dict(args["overrides"], **({"device": device} if device else {}))
+    if task.kind == "mine":  # a worker's share of the threads (`--jobs`, Ray) replaces the grid's --threads
+        overrides = dict(args["overrides"], **({"device": device} if device else {}),
+                         **({"threads": threads} if threads else {}))
         return _run(overrides, Path(args["out"]), force, progress)
     if task.kind == "stop":
-        return _train_stop(args["run"], args["density"], args["out"], force, progress)
-    return sanity(args["run"], args["checks"], force=force, progress=progress, report=None)
+        return _train_stop(args["run"], args["density"], args["out"], force, progress, threads)
+    return sanity(args["run"], args["checks"], force=force, progress=progress, report=None, threads=threads)
 
 
 @dataclass
@@ -175,8 +179,10 @@ def check_folders(tasks: list[Task], force: bool = False) -> None:
     if force:
         return
     for task in tasks:
+        if task.kind != "mine":
+            continue
         folder = RunFolder(task.args["out"])
-        if task.kind != "mine" or not folder.file("config.yaml").is_file():
+        if not folder.file("config.yaml").is_file():
             continue
         if not folder.finished and folder.computed_nothing:
             continue  # an earlier try stopped at bad input: the cell starts over
@@ -184,9 +190,10 @@ def check_folders(tasks: list[Task], force: bool = False) -> None:
                      if key != "device"}  # workers on several GPUs run cells on cuda:N
         if differing:
             details = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in list(differing.items())[:4])
-            raise GemminerError(f"{folder.path} holds a run of another config than the grid's ({details}); nothing "
-                                "was run or written: restore the grid, choose another --out, or pass --force to "
-                                "rerun the changed cells")
+            state = "a finished" if folder.finished else "an unfinished"
+            raise GemminerError(f"{folder.path} holds {state} run with another config: {details}; nothing was run "
+                                "or written: restore the grid, choose another --out, or pass --force to rerun the "
+                                "changed cells")
 
 
 def execute(tasks: list[Task], jobs: int = 1, ray_address: str | None = None, force: bool = False,

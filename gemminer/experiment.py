@@ -28,6 +28,7 @@ from gemminer.methods import METHODS, method_class
 from gemminer.models import build_model
 from gemminer.runs import RunFolder, output_folder, summary_writer_class
 from gemminer.seeding import make_generator
+from gemminer.threads import auto_threads
 from gemminer.ticket import Ticket, read_safetensors
 from gemminer.train import Diverged, class_scores, enable_autocast, masked_accuracy, resolve_device
 
@@ -106,6 +107,7 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
             raise GemminerError(f"initial weights do not fit model {config.model.name}: "
                                 f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from err
     check_output_shape(model, dataset)
+    apply_threads(config, model, dataset)
     dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)  # once: batches are slices
     dataset.val = dataset.val.to(device) if dataset.val is not None else None
     model = model.to(device)
@@ -114,6 +116,22 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
     if config.bf16:
         enable_autocast(model, torch.bfloat16)
     return Setup(config, device, dataset, model)
+
+
+def apply_threads(config: RunConfig, model: nn.Module, dataset: Dataset) -> int:
+    """Set torch's CPU threads as `config.threads` says (`auto`: gemminer.threads, from the cores, the load and
+    the size of a training step of this model); returns the count."""
+    threads = config.threads
+    if threads is None:
+        from gemminer.report import layer_macs
+
+        try:
+            step = sum(layer_macs(model, dataset.input_shape).values()) * config.data.batch_size
+        except Exception:  # a user's model the MAC count cannot follow: decide by the cores alone
+            step = None
+        threads = auto_threads(step)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def check_bf16(config: RunConfig, device: torch.device) -> None:
@@ -267,10 +285,17 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         "training": {key: value for key, value in to_dict(config.finetune).items()},
         "start_point": start_point, "start_step": start_step_of(ticket),
         "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
-        "torch": torch.__version__, "gemminer": __version__,
+        "torch": torch.__version__, "gemminer": __version__, **thread_record(config),
     }
     folder.finish(summary)
     return summary
+
+
+def thread_record(config: RunConfig) -> dict[str, Any]:
+    """The CPU threads the run trained with, and what was asked (`auto` or a number): float sums in another
+    order give other weights, so two runs' summaries say whether they can be bit-identical."""
+    return {"threads": torch.get_num_threads(), "threads_requested": "auto" if config.threads is None
+            else config.threads}
 
 
 def _density_name(density: float) -> str:
@@ -404,7 +429,7 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
                    "recipe": method_class(method).recipe if method in METHODS else None,
                    "training": to_dict(config.finetune), "start_step": start_step,
                    "start_point": ticket.metadata.get("start_point", "init") if on_start_weights else "init",
-                   "device": str(run.device), "processes": distributed.world_size()}
+                   "device": str(run.device), "processes": distributed.world_size(), **thread_record(config)}
         folder.finish(summary)
     return summary
 
