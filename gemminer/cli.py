@@ -165,7 +165,11 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--same-training", action="store_true",
                          help="train every variant's ticket with one recipe (the Gem-Miner paper's fine-tuning, with "
                               "any --finetune-* flags): the comparison that isolates the mask")
-    compare.add_argument("--jobs", type=int, default=1, help="cells run at once in separate processes (default 1)")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="cells run at once in separate processes (default 1), each with its share of the CPU "
+                              "threads (cores / jobs): the same tickets as a serial grid, but fine-tuned weights can "
+                              "differ in the last bits (float sums in another order); summary.json records the "
+                              "threads")
     compare.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                          help="run the cells as Ray tasks (a local Ray instance without ADDRESS; needs gemminer[ray])")
     compare.add_argument("--force", action="store_true", help="rerun finished runs")

@@ -97,17 +97,18 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     path = Path(path)
     lock_path = path / LOCK_FILE
-    fd, made = _acquire(path, lock_path)
+    fd, made, fresh = _acquire(path, lock_path)
     try:
         yield
     finally:
         if fd is not None:
-            _release(fd, path, lock_path, made)
+            _release(fd, path, lock_path, made, fresh)
 
 
-def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
-    """The locked file's descriptor (None where locks are unsupported) and the topmost folder made here."""
-    made = None
+def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None, bool]:
+    """The locked file's descriptor (None where locks are unsupported), the topmost folder made here, and
+    whether this lock made `.lock`."""
+    made, fresh = None, False
     for _ in range(100):  # retried only while another holder removes a folder it made
         if not path.is_dir():
             top = next((folder for folder in reversed([path, *path.parents]) if not folder.exists()), path)
@@ -118,6 +119,7 @@ def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
                 pass
             except OSError as err:
                 raise GemminerError(f"cannot create run folder {path}: {err.strerror}") from err
+        fresh = not os.path.lexists(lock_path)
         try:  # never through a symlink, never inherited by a child process
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | LOCK_OPEN_FLAGS, 0o644)
         except FileNotFoundError:
@@ -125,7 +127,7 @@ def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
                 raise GemminerError(_not_a_lock(lock_path)) from None
-            return None, made  # e.g. a read-only folder: writing there fails later with its own error
+            return None, made, fresh  # e.g. a read-only folder: writing there fails later with its own error
         problem = _lock_file_problem(fd)
         if problem:
             os.close(fd)
@@ -135,7 +137,7 @@ def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
-                return None, made  # a file system without locks
+                return None, made, fresh  # a file system without locks
             holder = _holder(fd)
             os.close(fd)
             raise GemminerError(f"{path} is in use by {holder} (another gemminer run writes there); "
@@ -151,10 +153,10 @@ def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         except OSError as err:  # e.g. a full disk: the lock and any folder made for it go again
-            _release(fd, path, lock_path, made)
+            _release(fd, path, lock_path, made, fresh)
             reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
             raise GemminerError(f"cannot write the lock file {lock_path}: {reason}") from err
-        return fd, made
+        return fd, made, fresh
     raise GemminerError(f"cannot lock run folder {path}: it keeps being removed")
 
 
@@ -189,16 +191,19 @@ def _holder(fd: int) -> str:
     return "another process"
 
 
-def _release(fd: int, path: Path, lock_path: Path, made: Path | None) -> None:
+def _release(fd: int, path: Path, lock_path: Path, made: Path | None, fresh: bool = False) -> None:
     """Unlock; a folder left with nothing but `.lock` loses it (and is removed if this lock made it)."""
     try:
-        if [entry.name for entry in os.scandir(path)] == [LOCK_FILE]:
+        entries = [entry.name for entry in os.scandir(path)]
+        if entries == [LOCK_FILE]:
             lock_path.unlink()  # while still locked: a waiting opener sees the file gone and starts over
             if made is not None:
                 for folder in [path, *path.parents]:
                     folder.rmdir()
                     if folder == made:
                         break
+        elif fresh and "config.yaml" not in entries:  # a refused run in a folder of the user's: leave no trace
+            lock_path.unlink()
     except OSError:
         pass
     finally:
@@ -268,6 +273,11 @@ class RunFolder:
             except OSError as err:
                 raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
             held_a_run = self.file("config.yaml").is_file()
+            clashes = [name for name in (*RUN_FILES, "init.safetensors", "tickets", "sanity", "tensorboard")
+                       if os.path.lexists(self.file(name))]
+            if clashes and not held_a_run and not force:  # not a run's files: the user's, never removed unasked
+                raise GemminerError(f"{self.path} holds {', '.join(clashes[:3])} but no gemminer run (no config.yaml);"
+                                    " a run there would overwrite them: choose another --out, or pass --force")
             for stale in RUN_FILES:  # nothing of an earlier run survives (`.lock` does)
                 self.file(stale).unlink(missing_ok=True)
             for folder in ("tickets", "sanity"):

@@ -202,3 +202,34 @@ def test_an_intact_stopped_run_still_resumes_to_the_end(stopped_imp, tmp_path, d
     shutil.copytree(stopped_imp, run)
     assert main(["mine", "--out", str(run), "--data-dir", data_dir, *IMP]) == 0
     assert (run / "summary.json").is_file() and (run / "rounds.csv").is_file()
+
+
+USER_FOLDERS = {  # a folder of the user's (no config.yaml) holding a file of a run's name -> command run into it
+    "mine-into-a-folder-with-a-ticket": ("ticket.safetensors", lambda u, r, d: [
+        "mine", "--out", str(u), "--data-dir", d, *TINY]),
+    "mine-into-a-folder-with-metrics": ("metrics.csv", lambda u, r, d: ["mine", "--out", str(u), "--data-dir", d,
+                                                                        *TINY]),
+    "mine-into-a-folder-with-tickets": ("tickets/mine.safetensors", lambda u, r, d: [
+        "mine", "--out", str(u), "--data-dir", d, *TINY]),
+    "finetune-its-input-ticket-folder": ("ticket.safetensors", lambda u, r, d: [
+        "finetune", "--ticket", str(u / "ticket.safetensors"), "--init", str(r / "init.safetensors"), "--out", str(u),
+        "--quiet"]),
+    "finetune-its-input-init-folder": ("init.safetensors", lambda u, r, d: [
+        "finetune", "--ticket", str(r / "ticket.safetensors"), "--init", str(u / "init.safetensors"), "--out", str(u),
+        "--quiet"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_FOLDERS))
+def test_a_run_into_a_users_folder_never_removes_or_replaces_the_users_files(finished, tmp_path, data_dir, capsys,
+                                                                             case):
+    name, command = USER_FOLDERS[case]
+    user = tmp_path / "mine"
+    (user / name).parent.mkdir(parents=True, exist_ok=True)
+    source = finished / Path(name).name if (finished / Path(name).name).is_file() else finished / "ticket.safetensors"
+    shutil.copy(source, user / name)
+    before = snapshot(tmp_path)
+    line = one_error_line(capsys, main(command(user, finished, data_dir)))
+    assert "no gemminer run" in line
+    after = snapshot(tmp_path)
+    assert after == before
