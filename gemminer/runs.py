@@ -273,7 +273,7 @@ class RunFolder:
             except OSError as err:
                 raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
             held_a_run = self.file("config.yaml").is_file()
-            clashes = [name for name in (*RUN_FILES, "init.safetensors", "tickets", "sanity", "tensorboard")
+            clashes = [name for name in (*RUN_FILES, "init.safetensors", "tickets", "sanity")
                        if os.path.lexists(self.file(name))]
             if clashes and not held_a_run and not force:  # not a run's files: the user's, never removed unasked
                 raise GemminerError(f"{self.path} holds {', '.join(clashes[:3])} but no gemminer run (no config.yaml);"
