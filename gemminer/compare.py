@@ -367,11 +367,11 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
     out = output_folder(out, "grid output folder")
     cells, tasks = plan(grid, out)
     check_folders(tasks, force)  # a refused grid writes nothing, not even empty tables
-    if ray_address is not None:
+    if ray_address is not None:  # a cluster's workers may hold data (or devices) that this machine lacks
         from gemminer.raycheck import check_ray_address
 
-        check_ray_address(ray_address)
-    if ray_address is None:  # a cluster's workers may hold data (or devices) that this machine lacks
+        check_ray_address(ray_address)  # before Ray starts: a bounded wait and one line, no folder
+    else:
         check_inputs(tasks, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
