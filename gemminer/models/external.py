@@ -58,8 +58,9 @@ def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as err:  # the user's module runs here: it may raise anything, or exit
-        raise GemminerError(f"cannot import module {module_name!r} for model {spec!r}: {_failure(err)}"
-                            f"{_debug_hint()}") from None
+        missing = isinstance(err, ModuleNotFoundError) and err.name == module_name  # no such module: no traceback
+        raise GemminerError(f"cannot import {module_name!r} for model {spec!r}: {_failure(err)}"
+                            f"{'' if missing else _debug_hint()}") from None
     factory = module
     for part in attribute.split("."):
         factory = getattr(factory, part, None)
