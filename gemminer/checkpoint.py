@@ -12,8 +12,10 @@ import errno
 import hashlib
 import io
 import os
+import pickle
 import random
 import signal
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest() != expected:
         raise GemminerError(f"checkpoint {path} is corrupt or truncated (checksum mismatch); "
                             "delete it to restart the run, or use --force")
-    with reading(path, "checkpoint", FOREIGN):  # weights_only refuses foreign pickles: say so in one line
-        state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    with reading(path, "checkpoint", FOREIGN), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warnings about a foreign file: the one line below says it
+        try:
+            state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError:  # weights_only refused an object: torch's text would advise loading unsafely
+            raise GemminerError(f"cannot read checkpoint {path}: it holds objects other than tensors and plain "
+                                f"containers, which gemminer never loads; {FOREIGN}") from None
     if not isinstance(state, dict):
         raise GemminerError(f"cannot read checkpoint {path}: not the expected structure; {FOREIGN}")
     return state
@@ -86,7 +93,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 # what `Checkpointer.save` and the pipeline put in a checkpoint, by key: the type each value must have
 LOOP_TYPES = {"phase": str, "epoch": int, "partial": (dict, type(None)), "history": list, "elapsed": (int, float)}
-PIPELINE_TYPES = {"rows": list, "search": dict, "method_state": dict}
+PIPELINE_TYPES = {"rows": list, "search": dict, "method_state": dict, "files": dict}
 SEARCH_TYPES = {"epochs": (int, float), "seconds": (int, float)}  # IMP's epochs are fractional after epoch:x.y
 PARTIAL_TYPES = {"steps": int, "loss_sum": torch.Tensor, "correct": torch.Tensor, "samples": int}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 import warnings
@@ -20,12 +21,14 @@ from gemminer import distributed
 from gemminer.allocator import keep_freed_memory
 from gemminer.checkpoint import StopRequested
 from gemminer.config import DataConfig, FinetuneConfig, ModelConfig, RunConfig, load_yaml, merge, resolve
-from gemminer.errors import GemminerError
+from gemminer.errors import GemminerError, os_error_line
 
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "finetune": FinetuneConfig}
 DEFAULTS_NOTE = ("Defaults shown are the paper's. With --preset auto (the default) a data set may replace some: "
                  "mnist1d searches 30 epochs, freeze period 2, lambda 3e-4, lr 0.3. config.yaml in the run folder "
                  "holds every value used.")
+THREADS_HELP = ("CPU threads of the tensor operations: auto (from the usable cores, how many are busy and the "
+                "model's size, decided at start; see docs/robustness.md) | N")
 SHORT_FLAGS = {("data", "name"): "--data", ("model", "name"): "--model", ("search", "epochs"): "--epochs",
                ("data", "download"): "--download"}
 
@@ -165,6 +168,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     tune.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                       help="run training steps and evaluation under torch.compile (CUDA graphs on CUDA)")
     tune.add_argument("--device", default=None, help="auto | cpu | cuda")
+    tune.add_argument("--threads", default=None, metavar="THREADS", help=THREADS_HELP)
 
     compare = commands.add_parser(
         "compare", help="a grid of variants x densities x seeds (plus dense training, sanity checks): results.csv, "
@@ -183,7 +187,11 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--same-training", action="store_true",
                          help="train every variant's ticket with one recipe (the Gem-Miner paper's fine-tuning, with "
                               "any --finetune-* flags): the comparison that isolates the mask")
-    compare.add_argument("--jobs", type=int, default=1, help="cells run at once in separate processes (default 1)")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="cells run at once in separate processes (default 1), each with its share of the CPU "
+                              "threads (cores / jobs): the same tickets as a serial grid, but fine-tuned weights can "
+                              "differ in the last bits (float sums in another order); summary.json records the "
+                              "threads")
     compare.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                          help="run the cells as Ray tasks (a local Ray instance without ADDRESS; needs gemminer[ray])")
     compare.add_argument("--force", action="store_true", help="rerun finished runs")
@@ -198,6 +206,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
                        help="comma-separated: shuffle, reinit, invert (default %(default)s)")
     check.add_argument("--force", action="store_true", help="retrain finished variants")
     check.add_argument("--quiet", action="store_true", help="no progress bars")
+    check.add_argument("--threads", default=None, metavar="THREADS", help=THREADS_HELP + " (default: the run's)")
 
     report = commands.add_parser(
         "report", help="per-layer table (shape, parameters, remaining, density, MACs remaining) and a density PNG")
@@ -230,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except GemminerError as err:
         print(f"gemminer: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the command writes or reads that no guard named: still one line
+        if os.environ.get("GEMMINER_DEBUG"):
+            raise
+        print(f"gemminer: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except StopRequested as stop:
         print(f"gemminer: stopped by {stop.signal_name} after writing a checkpoint; run the same command again "
@@ -374,7 +388,7 @@ def cmd_sanity(args: argparse.Namespace) -> int:
     from gemminer.sanity import sanity
 
     report = print if distributed.is_main() else None
-    sanity(args.run, args.checks, force=args.force, progress=not args.quiet, report=report)
+    sanity(args.run, args.checks, force=args.force, progress=not args.quiet, report=report, threads=args.threads)
     if distributed.is_main():
         print(f"written: {Path(args.run) / 'sanity.json'}")
     return 0
@@ -399,7 +413,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         ticket = Ticket.load(path)
         png = Path(args.png) if args.png else path.with_name(path.stem + "-density.png")
-    chart = plot_layer_density(ticket, png)  # first: a chart that cannot be written is one line, before the table
+    # first: a chart that cannot be written (or would land on a run's own file) is one line, before the table
+    chart = plot_layer_density(ticket, png, inputs=[path])
     print(ticket.layer_report(macs))
     print(f"density chart: {chart}")
     return 0

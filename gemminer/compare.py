@@ -62,7 +62,8 @@ def _run(overrides: dict[str, Any], out: Path, force: bool, progress: bool) -> d
     return mine(config, out, force=force, progress=progress)
 
 
-def _train_stop(run: str, density: float, out: str, force: bool, progress: bool) -> dict[str, Any]:
+def _train_stop(run: str, density: float, out: str, force: bool, progress: bool,
+                threads: int | None = None) -> dict[str, Any]:
     """Train the ticket an IMP run kept at `density` from its own start weights."""
     from gemminer.experiment import _density_name, finetune_saved, load_run, read_start
     from gemminer.ticket import Ticket, read_safetensors
@@ -72,6 +73,8 @@ def _train_stop(run: str, density: float, out: str, force: bool, progress: bool)
     if target.finished and not force:
         return target.summary()
     config, _, _, init = load_run(run)
+    if threads:
+        config.threads = threads  # a worker's share of the cores, not the IMP run's own setting
     name = _density_name(density)
     ticket = Ticket.load(folder.file(f"tickets/{name}.safetensors"))
     own_start = folder.file(f"tickets/{name}-start.safetensors")
@@ -90,12 +93,13 @@ def run_task(task: Task, threads: int | None = None, device: str | None = None, 
     if threads:
         torch.set_num_threads(threads)
     args = task.args
-    if task.kind == "mine":
-        overrides = dict(args["overrides"], **({"device": device} if device else {}))
+    if task.kind == "mine":  # a worker's share of the threads (`--jobs`, Ray) replaces the grid's --threads
+        overrides = dict(args["overrides"], **({"device": device} if device else {}),
+                         **({"threads": threads} if threads else {}))
         return _run(overrides, Path(args["out"]), force, progress)
     if task.kind == "stop":
-        return _train_stop(args["run"], args["density"], args["out"], force, progress)
-    return sanity(args["run"], args["checks"], force=force, progress=progress, report=None)
+        return _train_stop(args["run"], args["density"], args["out"], force, progress, threads)
+    return sanity(args["run"], args["checks"], force=force, progress=progress, report=None, threads=threads)
 
 
 @dataclass
@@ -167,6 +171,29 @@ def check_inputs(tasks: list[Task], force: bool = False) -> None:
             summary_writer_class()
         config.device, config.bf16 = "cpu", False  # no device memory held by this process while cells run
         setup(config)
+
+
+def check_folders(tasks: list[Task], force: bool = False) -> None:
+    """Refuse the grid, before anything runs or is written, where a cell's folder holds a run of another
+    config that its `mine` would refuse (a changed grid): its finished results and tables stay as they are."""
+    if force:
+        return
+    for task in tasks:
+        if task.kind != "mine":
+            continue
+        folder = RunFolder(task.args["out"])
+        if not folder.file("config.yaml").is_file():
+            continue
+        if not folder.finished and folder.computed_nothing:
+            continue  # an earlier try stopped at bad input: the cell starts over
+        differing = {key: values for key, values in folder.config_differences(resolve(task.args["overrides"])).items()
+                     if key != "device"}  # workers on several GPUs run cells on cuda:N
+        if differing:
+            details = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in list(differing.items())[:4])
+            state = "a finished" if folder.finished else "an unfinished"
+            raise GemminerError(f"{folder.path} holds {state} run with another config: {details}; nothing was run "
+                                "or written: restore the grid, choose another --out, or pass --force to rerun the "
+                                "changed cells")
 
 
 def execute(tasks: list[Task], jobs: int = 1, ray_address: str | None = None, force: bool = False,
@@ -306,8 +333,14 @@ class _RayRunner:
             raise GemminerError("--ray needs the ray package: pip install 'gemminer[ray]'") from None
         self.ray, self.force = ray, force
         if not ray.is_initialized():
-            ray.init(address=None if address in ("", "local") else address, include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True)
+            try:
+                ray.init(address=None if address in ("", "local") else address, include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            except Exception as err:  # Ray's failures to connect take many types
+                if os.environ.get("GEMMINER_DEBUG"):
+                    raise
+                detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise GemminerError(f"cannot connect to Ray at {address or 'a local instance'}: {detail}") from None
         self.remote = ray.remote(num_cpus=1)(run_task)
 
     def submit(self, task: Task) -> Any:
@@ -333,7 +366,12 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
     """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md."""
     out = output_folder(out, "grid output folder")
     cells, tasks = plan(grid, out)
-    if ray_address is None:  # a cluster's workers may hold data (or devices) that this machine lacks
+    check_folders(tasks, force)  # a refused grid writes nothing, not even empty tables
+    if ray_address is not None:  # a cluster's workers may hold data (or devices) that this machine lacks
+        from gemminer.raycheck import check_ray_address
+
+        check_ray_address(ray_address)  # before Ray starts: a bounded wait and one line, no folder
+    else:
         check_inputs(tasks, force)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from gemminer import yamlkeys
 from gemminer.errors import GemminerError, reading
 
 
@@ -75,6 +76,10 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seed of every random stream",
                                            "range": (-math.inf, math.inf, False, False)})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int | None = field(default=None, metadata={
+        "auto": True, "range": (1, math.inf, False, False),
+        "help": "CPU threads of the tensor operations: auto (from the usable cores, how many are busy and the "
+                "model's size, decided at start; see docs/robustness.md) | N"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA (paper: off, fp32)"})
     preset: str = field(default="auto", metadata={"help": "auto (the data set's tuned defaults) | paper"})
     bn_recalibration_batches: int = field(
@@ -128,7 +133,8 @@ SECTIONS = ("data", "model", "search", "finetune")
 # Keys that change how a run is observed or saved, never what it computes (`compile` only its
 # floating-point rounding, as a thread count does): a resume or a `compare` cell under other values of
 # these is the same run (and old runs do not turn stale).
-RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size", "compile"})
+RESULT_NEUTRAL = frozenset({"eval_every", "checkpoint_every", "tensorboard", "data.eval_batch_size", "compile",
+                            "threads"})
 
 
 def result_tree(config: RunConfig) -> dict[str, Any]:
@@ -243,7 +249,7 @@ def load_yaml(path: str) -> dict[str, Any]:
             raise GemminerError(f"config file {path} is empty; write the config keys there as a YAML mapping "
                                 "(docs/concepts.md, Settings), or leave --config out")
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yamlkeys.load(text)  # a key given twice is refused, not silently the last one
         except yaml.YAMLError as err:
             raise GemminerError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(loaded, dict):
@@ -254,7 +260,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 # A run folder's config.yaml holds every key (dump_yaml writes them all), so a key it lacks was not
 # written by gemminer and must not silently become a default, except the keys added after run folders
 # existed, which older folders lack and which take their defaults (the values those runs had).
-ADDED_LATER = frozenset({"eval_every", "search.freeze", "search.prune", "compile"})
+ADDED_LATER = frozenset({"eval_every", "search.freeze", "search.prune", "compile", "threads"})
 # Keys added later whose earlier runs had another value than today's default, filled in with that value:
 # (method, key) -> value.
 EARLIER_VALUES = {("snip", "search.bn_mode"): "train"}

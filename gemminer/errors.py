@@ -3,6 +3,7 @@ turns any failure to read a file into it."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,3 +31,10 @@ def reading(path: str | os.PathLike, what: str, remedy: str = "") -> Iterator[No
         else:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise GemminerError(f"cannot read {what} {path}: {reason}" + (f"; {remedy}" if remedy else "")) from err
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError as one line naming the path and the reason (a full disk, a name over NAME_MAX, ...)."""
+    path = err.filename if err.filename is not None else "a file"
+    reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err) or type(err).__name__)
+    return f"cannot use {path}: {reason}"

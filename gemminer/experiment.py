@@ -29,6 +29,7 @@ from gemminer.methods import METHODS, method_class
 from gemminer.models import build_model
 from gemminer.runs import RunFolder, output_folder, summary_writer_class
 from gemminer.seeding import make_generator
+from gemminer.threads import auto_threads
 from gemminer.ticket import Ticket, read_safetensors
 from gemminer.train import Diverged, class_scores, enable_autocast, masked_accuracy, resolve_device
 
@@ -107,6 +108,7 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
             raise GemminerError(f"initial weights do not fit model {config.model.name}: "
                                 f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from err
     check_output_shape(model, dataset)
+    apply_threads(config, model, dataset)
     dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)  # once: batches are slices
     dataset.val = dataset.val.to(device) if dataset.val is not None else None
     model = model.to(device)
@@ -115,6 +117,22 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
     if config.bf16:
         enable_autocast(model, torch.bfloat16)
     return Setup(config, device, dataset, model)
+
+
+def apply_threads(config: RunConfig, model: nn.Module, dataset: Dataset) -> int:
+    """Set torch's CPU threads as `config.threads` says (`auto`: gemminer.threads, from the cores, the load and
+    the size of a training step of this model); returns the count."""
+    threads = config.threads
+    if threads is None:
+        from gemminer.report import layer_macs
+
+        try:
+            step = sum(layer_macs(model, dataset.input_shape).values()) * config.data.batch_size
+        except Exception:  # a user's model the MAC count cannot follow: decide by the cores alone
+            step = None
+        threads = auto_threads(step)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def check_bf16(config: RunConfig, device: torch.device) -> None:
@@ -182,6 +200,12 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
                                       is_writer=distributed.is_main(), barrier=distributed.barrier)
             distributed.barrier()  # every rank has read the checkpoint before rank 0 replaces it
             checkpoint.pipeline.setdefault("rows", [])
+            if resuming and checkpoint.state:  # what the run wrote before its checkpoint must be as it wrote it
+                folder.check_written(checkpoint.pipeline.get("files", {}))
+            elif resuming and initial_files is not None:  # stopped before its first checkpoint: its start again
+                initial_files(folder)
+            folder.written.update(checkpoint.pipeline.get("files", {}))
+            checkpoint.pipeline["files"] = folder.written  # one dict: every checkpoint saves the current digests
             if resuming:
                 loop = checkpoint.state.get("loop") or {}
                 folder.rewrite_metrics(checkpoint.pipeline["rows"] + loop.get("history", []))
@@ -209,6 +233,9 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
     (`force` starts it over); a finished one is refused unless `force`.
     """
     run = setup(config)
+    method_cls = method_class(config.method)  # its options checked against the density and model before the folder
+    method_cls(config.density, config.search, seed=config.seed, device=run.device)
+    method_cls.check_model(config.search, run.model, run.prunable)
     init_files = lambda folder: folder.write_state(run.model.state_dict(), "init.safetensors")  # noqa: E731
     with run_session(config, out, force, resume, init_files) as (folder, checkpoint):
         return _mine_phases(config, run, folder, checkpoint, progress)
@@ -259,11 +286,18 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         "training": {key: value for key, value in to_dict(config.finetune).items()},
         "start_point": start_point, "start_step": start_step_of(ticket),
         "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
-        "torch": torch.__version__, "gemminer": __version__,
+        "torch": torch.__version__, "gemminer": __version__, **thread_record(config),
         **mac_counts(run.model, ticket.masks, run.dataset.input_shape),
     }
     folder.finish(summary)
     return summary
+
+
+def thread_record(config: RunConfig) -> dict[str, Any]:
+    """The CPU threads the run trained with, and what was asked (`auto` or a number): float sums in another
+    order give other weights, so two runs' summaries say whether they can be bit-identical."""
+    return {"threads": torch.get_num_threads(), "threads_requested": "auto" if config.threads is None
+            else config.threads}
 
 
 def _density_name(density: float) -> str:
@@ -397,7 +431,7 @@ def finetune_saved(config: RunConfig, ticket: Ticket, init: dict[str, torch.Tens
                    "recipe": method_class(method).recipe if method in METHODS else None,
                    "training": to_dict(config.finetune), "start_step": start_step,
                    "start_point": ticket.metadata.get("start_point", "init") if on_start_weights else "init",
-                   "device": str(run.device), "processes": distributed.world_size(),
+                   "device": str(run.device), "processes": distributed.world_size(), **thread_record(config),
                    **mac_counts(run.model, ticket.masks, run.dataset.input_shape)}
         folder.finish(summary)
     return summary

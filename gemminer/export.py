@@ -26,6 +26,7 @@ from gemminer.errors import GemminerError
 from gemminer.experiment import load_run
 from gemminer.models import build_model, default_model
 from gemminer.runs import RunFolder
+from gemminer.safety import check_output_file
 from gemminer.ticket import Ticket, decode_header, read_safetensors, save_state
 
 EXPORT_FORMATS = ("dense", "sparse", "compact", "mnn")  # compact: gemminer.compact; mnn: gemminer.mnn_export
@@ -231,6 +232,8 @@ def export_run(run_dir: str | os.PathLike, export_format: str = "dense", weights
         raise GemminerError(f"unknown weights {weights!r}; allowed: {', '.join(EXPORT_WEIGHTS)}")
     if export_format not in EXPORT_FORMATS:
         raise GemminerError(f"unknown export format {export_format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+    if out is not None:  # before anything is read: never onto a run's own files
+        check_output_file(out, "export")
     config, ticket, _, init = load_run(run_dir)
     folder = RunFolder(run_dir)
     if weights == "start" and not folder.file("start.safetensors").is_file():

@@ -203,6 +203,10 @@ def grid_from_flags(overrides: dict[str, Any], methods: list[str], densities: li
     base = {key: value for key, value in overrides.items() if key not in ("search", "method", "density", "seed")}
     checks = sanity or []
     targets = set(sanity_variants if sanity_variants is not None else ["gemminer"])
+    unknown = sorted(targets - set(methods) - ({"gemminer"} if targets == {"gemminer"} else set()))
+    if unknown and checks:  # a misspelt name would run the grid without that check (the default may be absent)
+        raise GemminerError(f"--sanity-variants names {', '.join(map(repr, unknown))}, not a variant of this grid; "
+                            f"its variants: {', '.join(name for name in methods if name != 'dense')}")
     variants = [Variant(name, {"method": name, **({"search": search} if name == "gemminer" and search else {})},
                         [c for c in checks if name in targets and name != "dense"]) for name in methods]
     grid = Grid(base, variants, densities, seeds, dense, same_training)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from gemminer.errors import GemminerError
 from gemminer.masking import PRUNABLE_TYPES, original_weight
+from gemminer.safety import check_output_file
 from gemminer.ticket import Ticket
 from gemminer.train import model_device
 
@@ -51,12 +53,21 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     return macs
 
 
-def plot_layer_density(ticket: Ticket, path: str | os.PathLike) -> Path:
-    """A bar chart of per-layer density (log scale) as PNG; collapsed layers in red."""
+def plot_layer_density(ticket: Ticket, path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """A bar chart of per-layer density (log scale) as PNG; collapsed layers in red. `path` must not be a
+    run's own file or one of `inputs`, and its suffix must name an image format matplotlib writes."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    check_output_file(path, "density chart", inputs, flag="--png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise GemminerError(f"cannot write the density chart {path}: {('.' + suffix) if suffix else 'no suffix'} "
+                            f"is not an image format; end the name in one of {', '.join('.' + f for f in formats)}")
 
     layers = ticket.layers()
     figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), 3.5))

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from torch import Tensor
 from gemminer.checkpoint import write_bytes_atomic
 from gemminer.config import RunConfig, dump_yaml, load_run_config, result_config
 from gemminer.errors import GemminerError, reading
+from gemminer.safety import RUN_FILES, file_digest
 from gemminer.ticket import Ticket, save_state
 
 try:
@@ -48,12 +50,27 @@ def output_folder(out: str | os.PathLike | None, what: str = "run folder") -> Pa
     if out is None or not str(out).strip():
         raise GemminerError(f"the {what} path is empty; name a folder, e.g. --out runs/my-run")
     path = Path(out)
-    resolved = path.expanduser().resolve()
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+            reason = f"a symlink to {os.readlink(path)}, which cannot be reached;"
+        except FileNotFoundError:
+            reason = f"a symlink to {os.readlink(path)}, which does not exist; create that folder or"
+        except (OSError, RuntimeError):
+            reason = "a symlink loop;"
+        raise GemminerError(f"the {what} {path} is {reason} name another --out")
+    try:
+        resolved = path.expanduser().resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise GemminerError(f"cannot use the {what} {path}: {getattr(err, 'strerror', None) or err}") from err
     if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)):
         raise GemminerError(f"refusing to write a {what} into {resolved} itself; name a folder of its own, "
                             "e.g. --out runs/my-run")
-    if path.exists() and not path.is_dir():
-        raise GemminerError(f"the {what} {path} is a file, not a folder")
+    try:
+        if path.exists() and not path.is_dir():
+            raise GemminerError(f"the {what} {path} is a file, not a folder")
+    except OSError as err:  # a name over NAME_MAX, a path over PATH_MAX
+        raise GemminerError(f"cannot use the {what} {path}: {err.strerror}") from err
     return path
 
 
@@ -80,17 +97,18 @@ def folder_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     path = Path(path)
     lock_path = path / LOCK_FILE
-    fd, made = _acquire(path, lock_path)
+    fd, made, fresh = _acquire(path, lock_path)
     try:
         yield
     finally:
         if fd is not None:
-            _release(fd, path, lock_path, made)
+            _release(fd, path, lock_path, made, fresh)
 
 
-def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
-    """The locked file's descriptor (None where locks are unsupported) and the topmost folder made here."""
-    made = None
+def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None, bool]:
+    """The locked file's descriptor (None where locks are unsupported), the topmost folder made here, and
+    whether this lock made `.lock`."""
+    made, fresh = None, False
     for _ in range(100):  # retried only while another holder removes a folder it made
         if not path.is_dir():
             top = next((folder for folder in reversed([path, *path.parents]) if not folder.exists()), path)
@@ -101,18 +119,25 @@ def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
                 pass
             except OSError as err:
                 raise GemminerError(f"cannot create run folder {path}: {err.strerror}") from err
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fresh = not os.path.lexists(lock_path)
+        try:  # never through a symlink, never inherited by a child process
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | LOCK_OPEN_FLAGS, 0o644)
         except FileNotFoundError:
             continue
-        except OSError:
-            return None, made  # e.g. a read-only folder: writing there fails later with its own error
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
+                raise GemminerError(_not_a_lock(lock_path)) from None
+            return None, made, fresh  # e.g. a read-only folder: writing there fails later with its own error
+        problem = _lock_file_problem(fd)
+        if problem:
+            os.close(fd)
+            raise GemminerError(_not_a_lock(lock_path, problem))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
-                return None, made  # a file system without locks
+                return None, made, fresh  # a file system without locks
             holder = _holder(fd)
             os.close(fd)
             raise GemminerError(f"{path} is in use by {holder} (another gemminer run writes there); "
@@ -124,10 +149,36 @@ def _acquire(path: Path, lock_path: Path) -> tuple[int | None, Path | None]:
         if not same:  # the holder removed the file between our open and flock: lock the new one
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
-        return fd, made
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        except OSError as err:  # e.g. a full disk: the lock and any folder made for it go again
+            _release(fd, path, lock_path, made, fresh)
+            reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+            raise GemminerError(f"cannot write the lock file {lock_path}: {reason}") from err
+        return fd, made, fresh
     raise GemminerError(f"cannot lock run folder {path}: it keeps being removed")
+
+
+LOCK_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _lock_file_problem(fd: int) -> str:
+    """Why the opened `.lock` is not a file of the run's own ("" where it is): truncating and writing the
+    holder line must never reach another file (a hard link) or a device."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_nlink > 1:
+        return "a hard link to another file"
+    return ""
+
+
+def _not_a_lock(lock_path: Path, what: str = "") -> str:
+    if not what:
+        what = "a symlink" if lock_path.is_symlink() else "a folder" if lock_path.is_dir() else "not a regular file"
+    return (f"{lock_path} is {what}, not gemminer's lock file; the run folder cannot be locked safely: "
+            "remove it, or choose another --out")
 
 
 def _holder(fd: int) -> str:
@@ -140,16 +191,19 @@ def _holder(fd: int) -> str:
     return "another process"
 
 
-def _release(fd: int, path: Path, lock_path: Path, made: Path | None) -> None:
+def _release(fd: int, path: Path, lock_path: Path, made: Path | None, fresh: bool = False) -> None:
     """Unlock; a folder left with nothing but `.lock` loses it (and is removed if this lock made it)."""
     try:
-        if [entry.name for entry in os.scandir(path)] == [LOCK_FILE]:
+        entries = [entry.name for entry in os.scandir(path)]
+        if entries == [LOCK_FILE]:
             lock_path.unlink()  # while still locked: a waiting opener sees the file gone and starts over
             if made is not None:
                 for folder in [path, *path.parents]:
                     folder.rmdir()
                     if folder == made:
                         break
+        elif fresh and "config.yaml" not in entries:  # a refused run in a folder of the user's: leave no trace
+            lock_path.unlink()
     except OSError:
         pass
     finally:
@@ -173,6 +227,8 @@ class RunFolder:
         self.writer = writer
         self.tensorboard: Any = None  # a SummaryWriter while a run with `tensorboard: true` is open
         self._locked = 0  # how deep this process is inside `lock()`
+        # sha256 of each file this run wrote, by name: saved with every checkpoint, checked on resume
+        self.written: dict[str, str] = {}
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -217,9 +273,12 @@ class RunFolder:
             except OSError as err:
                 raise GemminerError(f"cannot create run folder {self.path}: {err.strerror}") from err
             held_a_run = self.file("config.yaml").is_file()
-            for stale in ("summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.pt", "ticket.safetensors",
-                          "gem.safetensors", "finetuned.safetensors", "start.safetensors", "scores.safetensors",
-                          "rounds.csv", "sanity.json"):  # nothing of an earlier run survives (`.lock` does)
+            clashes = [name for name in (*RUN_FILES, "init.safetensors", "tickets", "sanity")
+                       if os.path.lexists(self.file(name))]
+            if clashes and not held_a_run and not force:  # not a run's files: the user's, never removed unasked
+                raise GemminerError(f"{self.path} holds {', '.join(clashes[:3])} but no gemminer run (no config.yaml);"
+                                    " a run there would overwrite them: choose another --out, or pass --force")
+            for stale in RUN_FILES:  # nothing of an earlier run survives (`.lock` does)
                 self.file(stale).unlink(missing_ok=True)
             for folder in ("tickets", "sanity"):
                 if self.file(folder).is_dir():
@@ -290,6 +349,27 @@ class RunFolder:
     def write_state(self, state: dict[str, Tensor], name: str) -> None:
         if self.writer:
             save_state(state, self.file(name))
+            self._wrote(name)
+
+    def _wrote(self, name: str) -> None:
+        self.written[name] = file_digest(self.file(name))
+
+    def check_written(self, written: dict[str, str]) -> None:
+        """Before a resume carries the files a run wrote forward (ticket, IMP's rounds.csv, ...): each must
+        still hold the bytes the run wrote, or the resume is refused in one line (a damaged or edited file is
+        not built on)."""
+        for name, digest in written.items():
+            path = self.file(name)
+            if not path.is_file():
+                problem = "is missing"
+            else:
+                try:
+                    problem = "" if file_digest(path) == digest else "was changed or damaged since the run wrote it"
+                except OSError as err:
+                    problem = f"cannot be read ({err.strerror})"
+            if problem:
+                raise GemminerError(f"cannot resume the run in {self.path}: {name} {problem}; "
+                                    "pass --force to start the run over")
 
     def write_table(self, rows: list[dict[str, Any]], name: str) -> None:
         """A CSV file of `rows` (columns: every key, in first-seen order), written atomically."""
@@ -301,10 +381,12 @@ class RunFolder:
         writer.writeheader()
         writer.writerows(_format_row(row) for row in rows)
         write_atomic(self.file(name), buffer.getvalue())
+        self._wrote(name)
 
     def write_ticket(self, ticket: Ticket, name: str) -> None:
         if self.writer:
             ticket.save(self.file(name))
+            self._wrote(name)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write summary.json, with the code that computed the run (`compare` rows report it)."""

@@ -32,6 +32,7 @@ from gemminer.methods import method_class
 from gemminer.methods.scoring import keep_bottom
 from gemminer.runs import RunFolder, read_json, write_atomic
 from gemminer.seeding import derive_seed, make_generator
+from gemminer.threads import parse_threads
 from gemminer.ticket import Ticket, masks_digest, read_safetensors
 
 CHECKS = ("shuffle", "reinit", "invert")
@@ -74,7 +75,7 @@ def _parse_checks(checks: str | list[str]) -> list[str]:
 
 
 def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = False, progress: bool = False,
-           report: Callable[[str], None] | None = print) -> dict[str, Any]:
+           report: Callable[[str], None] | None = print, threads: int | str | None = None) -> dict[str, Any]:
     """Train each check's variant of the finished run in `run_dir`; write ``sanity.json`` there.
 
     Returns ``{check: {"acc_after_finetune", "drop", "run"}}`` with drop = the ticket's accuracy after
@@ -86,6 +87,8 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
     folder = RunFolder(run_dir)
     names = _parse_checks(checks)
     config, ticket, _, init = load_run(run_dir)
+    if threads is not None:  # "auto" or N; None: as the run had
+        config.threads = parse_threads(threads)
     summary = folder.summary()  # refuses an unfinished run
     if config.method == "dense":
         raise GemminerError("the dense reference keeps every weight: it has no ticket to check")

@@ -139,6 +139,12 @@ class PruningMethod(ABC):
         self.training = copy.deepcopy(training) if training is not None else FinetuneConfig(
             **{key: value for key, value in _recipe(self.recipe).items()})
 
+    @classmethod
+    def check_model(cls, config: Any, model: nn.Module, prunable: list[str]) -> None:
+        """Refuse options that do not fit `model` (a file they name), before a run folder is written;
+        the default has none to check."""
+        return None
+
     def find(self, model: nn.Module, train: Iterable[Batch]) -> Ticket:
         """The ticket for `model` (its own weights, or re-drawn ones per `init`)."""
         return self.search(model, train).ticket

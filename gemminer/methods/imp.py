@@ -123,6 +123,14 @@ class IMP(PruningMethod):
     name = "imp"
     Config = IMPConfig
 
+    def __init__(self, density: float, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(density, config, **kwargs)
+        below = [d for d in self.config.keep_densities or () if d < self.density]
+        if below:  # the rounds end at the target: a stop below it would never be reached
+            raise GemminerError(f"search.keep_densities {', '.join(f'{d:g}' for d in below)} lie below the target "
+                                f"density {self.density:g}, where the rounds end; keep densities above it, or lower "
+                                "--density")
+
     def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
                 log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
                 checkpoint: Checkpointer | None = None) -> SearchResult:

@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -217,16 +218,17 @@ class RandomTicket(PruningMethod):
             return largest_remainder_counts(sizes, densities, total)
         return uniform_counts(sizes, self.density)
 
+    @classmethod
+    def check_model(cls, config: Any, model: nn.Module, prunable: list[str]) -> None:
+        if config is not None and config.like_ticket:
+            _like_ticket(config.like_ticket, {name: w.shape for name, w in weights(model, prunable).items()})
+
     def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
                 log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
                 checkpoint: Checkpointer | None = None) -> SearchResult:
         shapes = {name: w.shape for name, w in weights(model, self.prunable(model)).items()}
         if self.config.like_ticket:
-            from gemminer.ticket import Ticket
-
-            reference = Ticket.load(self.config.like_ticket)
-            if set(reference.masks) != set(shapes):
-                raise GemminerError(f"{self.config.like_ticket} masks other layers than this model's prunable ones")
+            reference = _like_ticket(self.config.like_ticket, shapes)
             counts = {name: int(reference.masks[name].sum()) for name in shapes}
             extra = {}
         else:
@@ -235,3 +237,18 @@ class RandomTicket(PruningMethod):
         masks = random_masks(shapes, counts, make_generator(self.seed, "random-ticket"))
         ticket = self.make_ticket(model, masks, **extra)
         return SearchResult(ticket=ticket, gem=ticket)
+
+
+def _like_ticket(path: str, shapes: dict[str, Any]) -> Any:
+    """The ticket `like_ticket` names, refused unless it masks exactly these layers in these shapes (a ticket
+    of another width would carry its counts over to layers of other sizes, and another density)."""
+    from gemminer.ticket import Ticket
+
+    reference = Ticket.load(path)
+    if set(reference.masks) != set(shapes):
+        raise GemminerError(f"{path} masks other layers than this model's prunable ones (a ticket of another model?)")
+    for name, shape in shapes.items():
+        if tuple(reference.masks[name].shape) != tuple(shape):
+            raise GemminerError(f"ticket {path} does not fit the model: {name} has shape {tuple(shape)}, the "
+                                f"ticket's mask {tuple(reference.masks[name].shape)} (a ticket of another width?)")
+    return reference

@@ -6,12 +6,27 @@ import importlib
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from gemminer.errors import GemminerError
+
+
+def _failure(err: BaseException) -> str:
+    """The user's exception in a few words; GEMMINER_DEBUG=1 prints its traceback first."""
+    if os.environ.get("GEMMINER_DEBUG"):
+        traceback.print_exception(err)
+    if isinstance(err, SystemExit):
+        return f"it called sys.exit({err.code!r})"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def _debug_hint() -> str:
+    return "" if os.environ.get("GEMMINER_DEBUG") else " (GEMMINER_DEBUG=1 shows its traceback)"
 
 
 def _call(factory: Callable[..., Any], what: str, options: dict[str, Any]) -> nn.Module:
@@ -24,9 +39,9 @@ def _call(factory: Callable[..., Any], what: str, options: dict[str, Any]) -> nn
     kwargs = {key: value for key, value in options.items() if takes_any or key in parameters}
     try:
         model = factory(**kwargs)
-    except Exception as err:  # the user's code: any failure becomes one line
+    except (Exception, SystemExit) as err:  # the user's code: any failure, or an exit, becomes one line
         raise GemminerError(f"{what}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
-                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+                            f"{_failure(err)}{_debug_hint()}") from err
     if not isinstance(model, nn.Module):
         raise GemminerError(f"{what} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -42,8 +57,10 @@ def user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.
         sys.path.insert(0, os.getcwd())  # as `python -m` does: a mymod.py beside the user imports from the CLI too
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise GemminerError(f"cannot import {module_name!r} for model {spec!r}: {err}") from None
+    except (Exception, SystemExit) as err:  # the user's module runs here: it may raise anything, or exit
+        missing = isinstance(err, ModuleNotFoundError) and err.name == module_name  # no such module: no traceback
+        raise GemminerError(f"cannot import {module_name!r} for model {spec!r}: {_failure(err)}"
+                            f"{'' if missing else _debug_hint()}") from None
     factory = module
     for part in attribute.split("."):
         factory = getattr(factory, part, None)
