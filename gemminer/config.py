@@ -254,7 +254,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 # A run folder's config.yaml holds every key (dump_yaml writes them all), so a key it lacks was not
 # written by gemminer and must not silently become a default, except the keys added after run folders
 # existed, which older folders lack and which take their defaults (the values those runs had).
-ADDED_LATER = frozenset({"eval_every", "search.freeze", "search.prune", "compile"})
+ADDED_LATER = frozenset({"eval_every", "search.freeze", "search.prune", "search.round_length", "compile"})
 # Keys added later whose earlier runs had another value than today's default, filled in with that value:
 # (method, key) -> value.
 EARLIER_VALUES = {("snip", "search.bn_mode"): "train"}
