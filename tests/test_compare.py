@@ -62,14 +62,22 @@ def test_tiny_grid_end_to_end(tmp_path, data_dir):
 
 
 def test_imp_trains_once_per_seed_and_serves_every_density(tmp_path, data_dir):
-    grid = load_grid(write_grid(tmp_path, data_dir, {"imp": {"method": "imp", "search": {"epochs": 1}}},
-                                densities=(0.5, 0.3), dense=False))
+    imp = {"method": "imp", "search": {"epochs": 1, "rewind": "epoch:0.5"}}
+    grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": GEM, "imp": imp}, densities=(0.5, 0.3), dense=False))
     out = tmp_path / "out"
-    compare(grid, out, progress=False, report=None)
+    text = compare(grid, out, progress=False, report=None)
     assert (out / "imp-d0.3-s0" / "tickets" / "d0.5.safetensors").is_file()  # one run, at the lowest density
     assert not (out / "imp-d0.5-s0" / "rounds.csv").exists()  # the other density trains that run's ticket
-    by_density = {row["density"]: row for row in rows(out)}
-    assert float(by_density["0.5"]["epochs_to_ticket"]) < float(by_density["0.3"]["epochs_to_ticket"])
+    by_density = {row["density"]: row for row in rows(out) if row["variant"] == "imp"}
+    # 0.5 branches off round 4 (0.8^3 = 0.512), 0.3 off round 6 (0.8^5); rounds after the first train 1 - 4/7
+    # epochs (the rewind is step 4 of 7), or 1 as full rounds
+    for density, rounds in (("0.5", 4), ("0.3", 6)):
+        row = by_density[density]
+        assert float(row["epochs_to_ticket"]) == float(row["epochs_to_ticket_remaining"]) == pytest.approx(
+            1 + (rounds - 1) * 3 / 7, abs=1e-5)
+        assert float(row["epochs_to_ticket_full"]) == rounds
+    assert "| imp | 0.3 | 1 | 3.1 | 6.0 | 1.0x | 2.0x |" in text  # cost over Gem-Miner's 3 epochs, both ways
+    assert "3.1 (full rounds: 6.0)" in text
 
 
 GRID_COMMAND = [sys.executable, "-m", "gemminer", "compare", "--quiet"]
