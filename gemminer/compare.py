@@ -115,11 +115,11 @@ class Cell:
 def plan(grid: Grid, out: Path) -> tuple[list[Cell], list[Task]]:
     """The grid's cells and the tasks that make them, with their dependencies."""
     cells, tasks = [], []
-    lowest = min(grid.densities)
     for seed in grid.seeds:
         for variant in grid.variants:
+            lowest = min(grid.densities_of(variant))
             imp_run = out / f"{variant.name}-d{lowest:g}-s{seed}"
-            for density in grid.densities:
+            for density in grid.densities_of(variant):
                 folder = out / f"{variant.name}-d{density:g}-s{seed}"
                 if variant.method == "imp" and density != lowest:
                     cells.append(Cell(variant, density, seed, folder, imp_run))

@@ -148,6 +148,36 @@ def test_bad_grids_are_one_line(tmp_path, data_dir):
             load_grid(write_grid(tmp_path, data_dir, variants))
 
 
+def test_a_variant_may_run_at_densities_of_its_own(tmp_path, data_dir):
+    from gemminer.compare import plan
+
+    narrow = {"model": {"width": 4}, "densities": [0.5, 0.3]}
+    grid = load_grid(write_grid(tmp_path, data_dir, {"random": {"method": "random"},
+                                                     "random-w4": {"method": "random", **narrow},
+                                                     "imp-w4": {"method": "imp", "search": {"epochs": 1}, **narrow}}))
+    variants = {v.name: v for v in grid.variants}
+    assert {name: grid.densities_of(v) for name, v in variants.items()} == {
+        "random": [0.2, 0.1], "random-w4": [0.5, 0.3], "imp-w4": [0.5, 0.3]}
+    assert grid.cell_overrides(variants["imp-w4"], 0.3, 0)["search"]["keep_densities"] == [0.5]  # its own stops
+    assert "densities" not in grid.cell_overrides(variants["random-w4"], 0.5, 0)  # not a run setting
+    cells, _ = plan(grid, tmp_path / "out")
+    assert sorted(cell.folder.name for cell in cells) == [
+        "dense-s0", "imp-w4-d0.3-s0", "imp-w4-d0.5-s0", "random-d0.1-s0", "random-d0.2-s0", "random-w4-d0.3-s0",
+        "random-w4-d0.5-s0"]
+    assert next(c for c in cells if c.folder.name == "imp-w4-d0.5-s0").imp_run.name == "imp-w4-d0.3-s0"
+    grid.variants, grid.dense = [variants["random"], variants["random-w4"]], False
+    compare(grid, tmp_path / "out", progress=False, report=None)
+    assert sorted((row["variant"], row["density"]) for row in rows(tmp_path / "out")) == [
+        ("random", "0.1"), ("random", "0.2"), ("random-w4", "0.3"), ("random-w4", "0.5")]
+    for variants, message in (({"r": {"method": "random", "densities": []}}, "must not be empty"),
+                              ({"r": {"method": "random", "densities": [0.5, 1.5]}}, r"lie in \(0, 1\]"),
+                              ({"r": {"method": "random", "densities": [0.5, 0.5]}}, "must not repeat"),
+                              ({"r": {"method": "random", "densities": [0.5], "by_density": {0.2: {}}}},
+                               "not one of its densities")):
+        with pytest.raises(GemminerError, match=message):
+            load_grid(write_grid(tmp_path, data_dir, variants))
+
+
 def test_grid_on_a_local_ray_instance(tmp_path, data_dir):
     pytest.importorskip("ray", reason="ray is not installed (pip install 'gemminer[ray]')")
     grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": GEM, "snip": {"method": "snip"}},
