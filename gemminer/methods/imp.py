@@ -56,7 +56,8 @@ class IMPConfig:
     epochs: int = field(default=150, metadata={"help": "training epochs per round"})
     prune_fraction: float = field(default=0.2, metadata={"help": "largest fraction of the survivors a round prunes"})
     keep_densities: list[float] | None = field(
-        default=None, metadata={"help": "further densities the rounds stop at exactly (their tickets are kept)"})
+        default=None, metadata={"help": "further densities whose tickets the run keeps: each a branch off the "
+                                        "nearest round above it, or a point of the 0.8^k path"})
     rewind: str = field(default="init", metadata={
         "help": "init (step 0) | epoch:E (weights after E epochs of round 1, 'IMP with warmup') | lr (keep the "
                 "trained weights, replay the lr schedule)"})
