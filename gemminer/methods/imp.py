@@ -196,6 +196,9 @@ class IMP(PruningMethod):
         initial = plain_state(model)
         # progress survives a kill: it lives in the checkpoint's pipeline, saved with every checkpoint
         progress = checkpoint.pipeline.setdefault("method_state", {}) if checkpoint is not None else {}
+        if progress.get("round") and "stop_rounds" not in progress:
+            raise GemminerError("this IMP run was checkpointed by an earlier gemminer, whose rounds stopped at every "
+                                "requested density: start it over with --force")
         progress.setdefault("round", 0)
         progress.setdefault("masks", {name: torch.ones(w.shape, dtype=torch.bool)
                                       for name, w in weights(model, names).items()})
