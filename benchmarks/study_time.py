@@ -26,11 +26,27 @@ from gemminer.compare import _run, plan
 from gemminer.grid import load_grid
 from gemminer.methods.imp import stop_round
 
+PHASES = {"search": 0.0, "train": 0.0}  # CPU seconds of the search and of the ticket's training, this cell
+
+
+def _timed(function, phase: str):
+    def wrapper(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            PHASES[phase] += time.process_time() - start
+    return wrapper
+
 
 def measure(grid, out: Path) -> dict[str, dict[str, float]]:
     """Seconds of one cell per variant (and dense): wall, search, ticket training; for IMP per round."""
+    from gemminer import experiment
     from gemminer.grid import Variant
+    from gemminer.methods.base import PruningMethod
 
+    PruningMethod.search = _timed(PruningMethod.search, "search")
+    experiment.train_ticket = _timed(experiment.train_ticket, "train")
     timings = {}
     variants = [*grid.variants, *([Variant("dense", {"method": "dense"})] if grid.dense else [])]
     for variant in variants:
@@ -41,14 +57,17 @@ def measure(grid, out: Path) -> dict[str, dict[str, float]]:
         folder = out / variant.name
         timed = out / f"{variant.name}.json"
         start, cpu = time.perf_counter(), time.process_time()
+        PHASES.update(search=0.0, train=0.0)
         summary = _run(overrides, folder, False, False)
         if not timed.is_file():  # a reused cell keeps the times of the run that made it
-            timed.write_text(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
+            timed.write_text(json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                                         **PHASES}))
         clock = json.loads(timed.read_text())
-        # one thread: the process's CPU seconds are what the cell takes on an idle core; the run's own wall
-        # seconds per phase are scaled by the same ratio
+        # one thread: the process's CPU seconds are what the cell takes on an idle core (a cell timed without
+        # its phases: the run's own wall seconds per phase, scaled by the cell's CPU / wall)
         scale = clock["cpu"] / clock["wall"]
-        search, train = summary["search_seconds"] * scale, summary["finetune_seconds"] * scale
+        search = clock.get("search", summary["search_seconds"] * scale)
+        train = clock.get("train", summary["finetune_seconds"] * scale)
         timings[variant.name] = {"wall": clock["cpu"], "measured_wall": clock["wall"], "search": search,
                                  "train": train, "other": max(0.0, clock["cpu"] - search - train)}
         if variant.method == "imp":
