@@ -41,8 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     imp_search = {"rewind": REWIND, "round_length": args.round_length}
-    variants = {"gemminer": {"method": "gemminer"},
-                f"imp --search-rewind {REWIND}": {"method": "imp", "search": imp_search}}
+    imp_name = f"imp --search-rewind {REWIND}" + (" --search-round-length full" if args.round_length == "full" else "")
+    variants = {"gemminer": {"method": "gemminer"}, imp_name: {"method": "imp", "search": imp_search}}
     results: dict[str, list[dict]] = {name: [] for name in variants}
     both: dict[str, list[float]] = {"remaining": [], "full": []}  # IMP's epochs to ticket under each round length
     for seed in seeds:
@@ -64,7 +64,7 @@ def main() -> None:
         print(f"| {name} | {mean_std([r['epochs_to_ticket'] for r in rows])} "
               f"| {mean_std([r['search_seconds'] for r in rows])} "
               f"| {mean_std([100 * r['acc_after_finetune'] for r in rows])} |")
-    gem, imp = results["gemminer"], results[f"imp --search-rewind {REWIND}"]
+    gem, imp = results["gemminer"], results[imp_name]
     epoch_ratio = [i["epochs_to_ticket"] / g["epochs_to_ticket"] for g, i in zip(gem, imp, strict=True)]
     second_ratio = [i["search_seconds"] / g["search_seconds"] for g, i in zip(gem, imp, strict=True)]
     difference = [100 * (g["acc_after_finetune"] - i["acc_after_finetune"]) for g, i in zip(gem, imp, strict=True)]
