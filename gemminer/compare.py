@@ -34,7 +34,8 @@ from gemminer.sanity import CHECKS
 
 COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
            "acc_before_finetune_at_init", "acc_after_finetune", *[f"sanity_{check}" for check in CHECKS],
-           "epochs_to_ticket", "search_seconds", "finetune_seconds", "remaining", "total", "macs_total",
+           "epochs_to_ticket", "epochs_to_ticket_remaining", "epochs_to_ticket_full", "search_seconds",
+           "finetune_seconds", "remaining", "total", "macs_total",
            "macs_remaining", "layer_collapse", "run", "gemminer_version", "git_commit", "config_hash"]
 
 
@@ -118,11 +119,11 @@ class Cell:
 def plan(grid: Grid, out: Path) -> tuple[list[Cell], list[Task]]:
     """The grid's cells and the tasks that make them, with their dependencies."""
     cells, tasks = [], []
-    lowest = min(grid.densities)
     for seed in grid.seeds:
         for variant in grid.variants:
+            lowest = min(grid.densities_of(variant))
             imp_run = out / f"{variant.name}-d{lowest:g}-s{seed}"
-            for density in grid.densities:
+            for density in grid.densities_of(variant):
                 folder = out / f"{variant.name}-d{density:g}-s{seed}"
                 if variant.method == "imp" and density != lowest:
                     cells.append(Cell(variant, density, seed, folder, imp_run))
@@ -458,11 +459,15 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
     }
     if cell.imp_run is not None:  # a stop of an IMP run: its cost is the rounds up to that stop
         imp = RunFolder(cell.imp_run).summary()
-        rounds = _rounds_row(cell.imp_run, ticket.remaining, ticket.total)
         row["acc_before_finetune_at_init"] = imp.get("acc_before_finetune_at_init", True)
+    if row["method"] == "imp":  # its rounds up to this stop, under both round lengths after a rewind
+        rounds = _rounds_row(cell.imp_run or cell.folder, ticket.remaining, ticket.total)
         if rounds is not None:
             row["epochs_to_ticket"] = _number(rounds["epochs"])
             row["search_seconds"] = float(rounds["seconds"])
+            for length in ("remaining", "full"):
+                if rounds.get(f"epochs_{length}"):  # (not in rounds tables written before both were counted)
+                    row[f"epochs_to_ticket_{length}"] = _number(rounds[f"epochs_{length}"])
     macs = _macs(cell.folder)
     if macs:
         row["macs_total"] = sum(macs.values())
@@ -507,6 +512,42 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str
     return groups
 
 
+def _epochs(group: list[dict[str, Any]]) -> str:
+    """Epochs to ticket as run, and under the other round length after a rewind where that differs."""
+    text = _mean_std([row["epochs_to_ticket"] for row in group], digits=1)
+    for length in ("remaining", "full"):
+        other = [row.get(f"epochs_to_ticket_{length}") for row in group]
+        if all(value not in (None, "") for value in other) and any(
+                value != row["epochs_to_ticket"] for value, row in zip(other, group, strict=True)):
+            text += f" ({length} rounds: {_mean_std(other, digits=1)})"
+    return text
+
+
+def _cost_lines(groups: dict[tuple[str, float], list[dict[str, Any]]], reference: str) -> list[str]:
+    """IMP's epochs to ticket over the reference's at the same density and seed, with each round after a
+    rewind training the rest of the schedule (OpenLTH) and a full round (the official Gem-Miner code)."""
+    own = {(density, row["seed"]): row["epochs_to_ticket"] for (variant, density), group in groups.items()
+           if variant == reference for row in group if row.get("epochs_to_ticket")}
+    lines = []
+    for (variant, density), group in groups.items():
+        pairs = [(row, own[(density, row["seed"])]) for row in group if (density, row["seed"]) in own
+                 and all(row.get(f"epochs_to_ticket_{length}") not in (None, "") for length in ("remaining", "full"))]
+        if variant == reference or not pairs:
+            continue
+        cells = [_mean_std([row[f"epochs_to_ticket_{length}"] for row, _ in pairs], digits=1)
+                 for length in ("remaining", "full")]
+        cells += [_mean_std([row[f"epochs_to_ticket_{length}"] / epochs for row, epochs in pairs], digits=1) + "x"
+                  for length in ("remaining", "full")]
+        lines.append(f"| {variant} | {density:g} | {len(pairs)} | {' | '.join(cells)} |")
+    if not lines:
+        return []
+    return ["", f"Cost to ticket: training epochs before the ticket exists, over {reference}'s at the same density "
+            "and seed; after a rewind to epoch E each round trains the remaining schedule (E_total - E epochs, "
+            "OpenLTH) or a full round (E_total epochs, the official Gem-Miner code).", "",
+            f"| variant | density | pairs | epochs, remaining rounds | epochs, full rounds | x {reference}, remaining "
+            f"| x {reference}, full |", "|---|---|---|---|---|---|---|", *lines]
+
+
 def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, reference: str = "gemminer") -> str:
     """Mean ± std over seeds per variant and density; sanity drops; paired differences to `reference`."""
     groups = _groups(rows)
@@ -520,9 +561,10 @@ def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, refer
         lines.append(
             f"| {variant} | {group[0]['method']} | {density:g} | {len(group)} | {before} "
             f"| {_mean_std([row['acc_after_finetune'] for row in group], 100)} "
-            f"| {_mean_std([row['epochs_to_ticket'] for row in group], digits=1)} "
+            f"| {_epochs(group)} "
             f"| {_mean_std([row['search_seconds'] for row in group])} "
             f"| {_mean_std([row['finetune_seconds'] for row in group])} |")
+    lines += _cost_lines(groups, reference)
     sanity_lines = []
     for (variant, density), group in groups.items():
         for check in CHECKS:

@@ -106,6 +106,15 @@ class RunConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "gemminer": {},
     "dense": {"lr": 0.1},
+    # the official edge-popup CIFAR config (allenai/hidden-networks, resnet18-usc-unsigned): SGD lr 0.1,
+    # momentum 0.9, weight decay 5e-4, cosine; its batch size is in PUBLISHED_DATA
+    "edge-popup": {"lr": 0.1, "weight_decay": 5e-4, "lr_schedule": "cosine"},
+}
+
+# Data settings a method was published with, by method name: used where the data set has no tuned
+# preset of its own (CIFAR, ...) and under preset "paper"; flags and YAML still win.
+PUBLISHED_DATA: dict[str, dict[str, Any]] = {
+    "edge-popup": {"batch_size": 256},  # the same official config
 }
 
 # Tuned defaults per data set (the paper's stay available with preset "paper").
@@ -260,7 +269,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 # A run folder's config.yaml holds every key (dump_yaml writes them all), so a key it lacks was not
 # written by gemminer and must not silently become a default, except the keys added after run folders
 # existed, which older folders lack and which take their defaults (the values those runs had).
-ADDED_LATER = frozenset({"eval_every", "search.freeze", "search.prune", "compile", "threads"})
+ADDED_LATER = frozenset({"eval_every", "search.freeze", "search.prune", "search.round_length", "compile", "threads"})
 # Keys added later whose earlier runs had another value than today's default, filled in with that value:
 # (method, key) -> value.
 EARLIER_VALUES = {("snip", "search.bn_mode"): "train"}
@@ -313,6 +322,8 @@ def resolve(overrides: dict[str, Any]) -> RunConfig:
     if config.preset not in ("auto", "paper"):
         raise GemminerError(f"unknown preset {config.preset!r}; allowed: auto, paper")
     method = method_class(config.method)
+    if config.preset == "paper" or config.data.name not in PRESETS:  # then the user's data keys again on top
+        _apply(config.data, merge(PUBLISHED_DATA.get(config.method, {}), overrides.get("data") or {}), "data.")
     config.search = method.Config()
     layers = [{"finetune": RECIPES[method.recipe]}, overrides]
     if config.preset == "auto":

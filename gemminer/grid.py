@@ -12,11 +12,13 @@ A grid file (YAML) holds::
                  by_density: {0.0372: {search: {reg_lambda: 3.0e-5}}}}   # settings of one density
       imp-warmup: {method: imp, search: {rewind: "epoch:0.52"}}
       random-erk: {method: random, search: {ratio: erk}}
+      gemminer-w16: {method: gemminer, model: {width: 16}, densities: [0.2, 0.1]}   # its own densities
 
 A variant is a method plus its options; it may override any run setting (data, model, search,
-finetune, top-level keys) and names its folders, rows and plot lines. An IMP variant trains once
-per seed, at the grid's lowest density, stopping at every other grid density on the way
-(`search.keep_densities`); each density's cell trains that run's ticket of that density.
+finetune, top-level keys) and names its folders, rows and plot lines. It runs at the grid's
+densities unless it lists its own (`densities`: a narrower model learns at higher densities only).
+An IMP variant trains once per seed, at its lowest density, stopping at every other density of it
+on the way (`search.keep_densities`); each density's cell trains that run's ticket of that density.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Variant:
     overrides: dict[str, Any]  # method, search, and any run setting it changes
     sanity: list[str] = field(default_factory=list)
     by_density: dict[float, dict[str, Any]] = field(default_factory=dict)  # settings for one density only
+    densities: list[float] | None = None  # its own densities (None: the grid's)
 
     @property
     def method(self) -> str:
@@ -68,12 +71,13 @@ class Grid:
             raise GemminerError("variant names must be unique")
         if not self.densities or not self.seeds:
             raise GemminerError("a grid needs densities and seeds")
-        for density in self.densities:
-            if not (isinstance(density, float) and math.isfinite(density) and 0 < density <= 1):
-                raise GemminerError(f"grid densities must lie in (0, 1], got {density!r}")
-        if len(set(self.densities)) != len(self.densities) or len(set(self.seeds)) != len(self.seeds):
+        _check_densities(self.densities, "grid densities")
+        if len(set(self.seeds)) != len(self.seeds):
             raise GemminerError("grid densities and seeds must not repeat")
         for variant in self.variants:
+            if variant.densities is not None:
+                _check_densities(variant.densities, f"variant {variant.name}: densities")
+            densities = self.densities_of(variant)
             method_class(variant.method)
             for check in variant.sanity:
                 if check not in CHECKS:
@@ -85,23 +89,27 @@ class Grid:
             for key in ("density", "seed"):
                 if key in variant.overrides:
                     raise GemminerError(f"variant {variant.name} sets {key}: the grid's {key}s apply to every variant")
-            stray = sorted(set(variant.by_density) - set(self.densities))
+            stray = sorted(set(variant.by_density) - set(densities))
             if stray:
-                raise GemminerError(f"variant {variant.name}: by_density names {stray[0]:g}, not a grid density")
-            if variant.method == "imp" and set(variant.by_density) - {min(self.densities)}:
+                raise GemminerError(f"variant {variant.name}: by_density names {stray[0]:g}, not one of its densities")
+            if variant.method == "imp" and set(variant.by_density) - {min(densities)}:
                 raise GemminerError(f"variant {variant.name}: IMP runs once, at the lowest density; by_density can "
-                                    f"only set {min(self.densities):g}")
-            for density in self.densities:  # every cell's config resolves before anything runs
+                                    f"only set {min(densities):g}")
+            for density in densities:  # every cell's config resolves before anything runs
                 resolve(self.cell_overrides(variant, density, self.seeds[0]))
+
+    def densities_of(self, variant: Variant) -> list[float]:
+        """The densities a variant runs at: its own, or the grid's."""
+        return variant.densities if variant.densities is not None else self.densities
 
     def cell_overrides(self, variant: Variant, density: float, seed: int) -> dict[str, Any]:
         """The run config of one cell: base < variant < density and seed (< the shared recipe)."""
         overrides = merge(merge(self.base, variant.overrides), variant.by_density.get(density, {}))
         overrides.update(density=density, seed=seed)
-        if variant.method == "imp" and len(self.densities) > 1:
+        densities = self.densities_of(variant)
+        if variant.method == "imp" and len(densities) > 1:
             search = _mapping(overrides.get("search"), f"variant {variant.name}: search")
-            keep = sorted(set(self.densities) - {min(self.densities)} | set(search.get("keep_densities") or []),
-                          reverse=True)
+            keep = sorted(set(densities) - {min(densities)} | set(search.get("keep_densities") or []), reverse=True)
             overrides = merge(overrides, {"search": {"keep_densities": keep}})
         return merge(overrides, {"finetune": self.training(variant)})
 
@@ -115,8 +123,8 @@ class Grid:
             forced = to_dict(reference.finetune)
         variant_epochs = _mapping(variant.overrides.get("finetune"), f"variant {variant.name}: finetune").get("epochs")
         if variant.method == "imp":  # its ticket trains as its last round: as long as each round
-            variant_epochs = resolve(merge(merge(self.base, variant.overrides), {"density": min(self.densities),
-                                                                                "finetune": {"epochs": None}})
+            variant_epochs = resolve(merge(merge(self.base, variant.overrides),
+                                           {"density": min(self.densities_of(variant)), "finetune": {"epochs": None}})
                                      ).search.epochs
         return {**forced, **({"epochs": variant_epochs} if variant_epochs is not None else {})}
 
@@ -134,6 +142,16 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise GemminerError(f"{what} must be a mapping of settings, got {value!r}")
     return value
+
+
+def _check_densities(densities: list[float], what: str) -> None:
+    if not densities:
+        raise GemminerError(f"{what} must not be empty")
+    for density in densities:
+        if not (isinstance(density, float) and math.isfinite(density) and 0 < density <= 1):
+            raise GemminerError(f"{what} must lie in (0, 1], got {density!r}")
+    if len(set(densities)) != len(densities):
+        raise GemminerError(f"{what} must not repeat")
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -183,7 +201,9 @@ def load_grid(path: str | Path) -> Grid:
         if not isinstance(by_density, dict) or not all(isinstance(v, dict) for v in by_density.values()):
             raise GemminerError(f"grid variant {name!r}: by_density must map densities to settings")
         by_density = {float(_floats(d, "by_density keys")[0]): v for d, v in by_density.items()}
-        variants.append(Variant(str(name), settings, [str(c) for c in checks], by_density))
+        own = settings.pop("densities", None)
+        own = _floats(own, f"variant {name!r}: densities") if own is not None else None
+        variants.append(Variant(str(name), settings, [str(c) for c in checks], by_density, own))
     base = document.get("base") or {}
     if not isinstance(base, dict):
         raise GemminerError(f"grid file {path}: 'base' must be a mapping of run settings")

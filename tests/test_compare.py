@@ -62,14 +62,22 @@ def test_tiny_grid_end_to_end(tmp_path, data_dir):
 
 
 def test_imp_trains_once_per_seed_and_serves_every_density(tmp_path, data_dir):
-    grid = load_grid(write_grid(tmp_path, data_dir, {"imp": {"method": "imp", "search": {"epochs": 1}}},
-                                densities=(0.5, 0.3), dense=False))
+    imp = {"method": "imp", "search": {"epochs": 1, "rewind": "epoch:0.5"}}
+    grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": GEM, "imp": imp}, densities=(0.5, 0.3), dense=False))
     out = tmp_path / "out"
-    compare(grid, out, progress=False, report=None)
+    text = compare(grid, out, progress=False, report=None)
     assert (out / "imp-d0.3-s0" / "tickets" / "d0.5.safetensors").is_file()  # one run, at the lowest density
     assert not (out / "imp-d0.5-s0" / "rounds.csv").exists()  # the other density trains that run's ticket
-    by_density = {row["density"]: row for row in rows(out)}
-    assert float(by_density["0.5"]["epochs_to_ticket"]) < float(by_density["0.3"]["epochs_to_ticket"])
+    by_density = {row["density"]: row for row in rows(out) if row["variant"] == "imp"}
+    # 0.5 branches off round 4 (0.8^3 = 0.512), 0.3 off round 6 (0.8^5); rounds after the first train 1 - 4/7
+    # epochs (the rewind is step 4 of 7), or 1 as full rounds
+    for density, rounds in (("0.5", 4), ("0.3", 6)):
+        row = by_density[density]
+        assert float(row["epochs_to_ticket"]) == float(row["epochs_to_ticket_remaining"]) == pytest.approx(
+            1 + (rounds - 1) * 3 / 7, abs=1e-5)
+        assert float(row["epochs_to_ticket_full"]) == rounds
+    assert "| imp | 0.3 | 1 | 3.1 | 6.0 | 1.0x | 2.0x |" in text  # cost over Gem-Miner's 3 epochs, both ways
+    assert "3.1 (full rounds: 6.0)" in text
 
 
 GRID_COMMAND = [sys.executable, "-m", "gemminer", "compare", "--quiet"]
@@ -136,6 +144,36 @@ def test_bad_grids_are_one_line(tmp_path, data_dir):
                               ({"g": [1, 2]}, "must be a mapping"), ({"g": {"method": "snip", "search": 3}},
                                                                        "must be a mapping"),
                               ({"i": {"method": "imp", "by_density": {0.2: {"seed": 1}}}}, "lowest density")):
+        with pytest.raises(GemminerError, match=message):
+            load_grid(write_grid(tmp_path, data_dir, variants))
+
+
+def test_a_variant_may_run_at_densities_of_its_own(tmp_path, data_dir):
+    from gemminer.compare import plan
+
+    narrow = {"model": {"width": 4}, "densities": [0.5, 0.3]}
+    grid = load_grid(write_grid(tmp_path, data_dir, {"random": {"method": "random"},
+                                                     "random-w4": {"method": "random", **narrow},
+                                                     "imp-w4": {"method": "imp", "search": {"epochs": 1}, **narrow}}))
+    variants = {v.name: v for v in grid.variants}
+    assert {name: grid.densities_of(v) for name, v in variants.items()} == {
+        "random": [0.2, 0.1], "random-w4": [0.5, 0.3], "imp-w4": [0.5, 0.3]}
+    assert grid.cell_overrides(variants["imp-w4"], 0.3, 0)["search"]["keep_densities"] == [0.5]  # its own stops
+    assert "densities" not in grid.cell_overrides(variants["random-w4"], 0.5, 0)  # not a run setting
+    cells, _ = plan(grid, tmp_path / "out")
+    assert sorted(cell.folder.name for cell in cells) == [
+        "dense-s0", "imp-w4-d0.3-s0", "imp-w4-d0.5-s0", "random-d0.1-s0", "random-d0.2-s0", "random-w4-d0.3-s0",
+        "random-w4-d0.5-s0"]
+    assert next(c for c in cells if c.folder.name == "imp-w4-d0.5-s0").imp_run.name == "imp-w4-d0.3-s0"
+    grid.variants, grid.dense = [variants["random"], variants["random-w4"]], False
+    compare(grid, tmp_path / "out", progress=False, report=None)
+    assert sorted((row["variant"], row["density"]) for row in rows(tmp_path / "out")) == [
+        ("random", "0.1"), ("random", "0.2"), ("random-w4", "0.3"), ("random-w4", "0.5")]
+    for variants, message in (({"r": {"method": "random", "densities": []}}, "must not be empty"),
+                              ({"r": {"method": "random", "densities": [0.5, 1.5]}}, r"lie in \(0, 1\]"),
+                              ({"r": {"method": "random", "densities": [0.5, 0.5]}}, "must not repeat"),
+                              ({"r": {"method": "random", "densities": [0.5], "by_density": {0.2: {}}}},
+                               "not one of its densities")):
         with pytest.raises(GemminerError, match=message):
             load_grid(write_grid(tmp_path, data_dir, variants))
 

@@ -42,7 +42,17 @@ def test_defaults_are_the_published_init_and_recipe(name):
     at_init_search = name in ("gemminer", "edge-popup")
     assert config.model.weight_init == ("signed_constant" if at_init_search else "kaiming_normal")
     dense_lr = {**RECIPES["dense"], **PRESETS["mnist1d"].get("finetune:dense", {})}["lr"]
-    assert config.finetune.lr == (0.01 if at_init_search else dense_lr)
-    assert resolve({"method": name, "preset": "paper"}).finetune.lr == (0.01 if at_init_search else 0.1)
+    assert config.finetune.lr == (0.01 if name == "gemminer" else 0.1 if name == "edge-popup" else dense_lr)
+    paper = resolve({"method": name, "preset": "paper"})
+    assert paper.finetune.lr == (0.01 if name == "gemminer" else 0.1)
+    # edge-popup's official CIFAR config: lr 0.1, cosine, weight decay 5e-4, batch 256 (under the paper's
+    # settings and on a data set without a preset; MNIST-1D keeps its own batch)
+    cifar = resolve({"method": name, "data": {"name": "cifar10"}})
+    if name == "edge-popup":
+        assert paper.data.batch_size == cifar.data.batch_size == 256 and config.data.batch_size == 128
+        assert (cifar.finetune.lr_schedule, cifar.finetune.weight_decay) == ("cosine", 5e-4)
+        assert resolve({"method": name, "data": {"name": "cifar10", "batch_size": 64}}).data.batch_size == 64
+    else:
+        assert paper.data.batch_size == cifar.data.batch_size == 128
     overridden = resolve({"method": name, "model": {"weight_init": "keep"}, "finetune": {"lr": 0.05}})
     assert overridden.model.weight_init == "keep" and overridden.finetune.lr == 0.05

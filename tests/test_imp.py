@@ -18,7 +18,7 @@ from torch import nn
 from gemminer.config import FinetuneConfig
 from gemminer.data import Batches, TensorData
 from gemminer.errors import GemminerError
-from gemminer.methods.imp import IMP, density_stops
+from gemminer.methods.imp import IMP, density_stops, round_epochs, stop_round
 from gemminer.methods.scoring import keep_top
 from gemminer.ticket import Ticket, read_safetensors
 
@@ -38,6 +38,19 @@ def test_stops_are_powers_of_0_8_with_requested_densities_inserted():
     assert density_stops(0.9) == [0.9]
     for before, after in itertools.pairwise(stops):
         assert after < before and after >= before * 0.8 - 1e-12  # never more than 20% of the survivors
+
+
+def test_an_off_path_density_is_a_branch_of_the_nearest_round_above_it():
+    assert [stop_round(d) for d in (0.9, 0.8, 0.7, 0.64, 0.6, 0.0225, 0.02, 0.0144)] == [1, 1, 2, 2, 3, 17, 18, 19]
+    # the MNIST-1D preset: 30 epochs a round, rewind to epoch 0.52; 0.02 branches off round 17's 0.8^17 = 2.25%,
+    # so 18 rounds train: 30 + 17 x 29.48 = 531 epochs (not 619: one round more for each of 0.2, 0.1 and 0.05)
+    from gemminer.config import resolve
+
+    config = resolve({"method": "imp", "search": {"rewind": "epoch:0.52"}})
+    cost = round_epochs(stop_round(0.02), config.search.epochs, 0.52)
+    assert round(cost["remaining"]) == 531 and cost["full"] == 540
+    # the paper's cost of 1.44%: 19 rounds of 150 epochs (the official code) = 2850
+    assert round_epochs(stop_round(0.0144), 150, 2.6) == pytest.approx({"remaining": 2803.2, "full": 2850})
 
 
 def mlp() -> nn.Module:
@@ -144,13 +157,15 @@ def test_run_folder_trains_the_ticket_from_the_rewind_point(data_dir, tmp_path, 
     assert all(torch.equal(seen["weights"][name], start[name]) for name in seen["weights"])
     assert seen["start_step"] == summary["start_step"] > 0
     assert summary["acc_before_finetune_weights"] == "epoch:0.5" and not summary["acc_before_finetune_at_init"]
-    # stops 0.8, 0.7, 0.64, 0.512, 0.5: round 1 trains 2 epochs, the 4 others from step 4 of 7 on
-    assert summary["epochs_to_ticket"] == pytest.approx(2 + 4 * (2 - 4 / 7), abs=1e-5)
+    # the path 0.8, 0.64, 0.512 and the branches 0.7 (off 0.8) and 0.5 (off 0.512): 4 rounds, not 5; round 1
+    # trains 2 epochs, the 3 others from step 4 of 7 on
+    assert summary["epochs_to_ticket"] == pytest.approx(2 + 3 * (2 - 4 / 7), abs=1e-5)
     tickets = sorted(p.name for p in (tmp_path / "run" / "tickets").iterdir())
     assert tickets == ["d0.5.safetensors", "d0.512.safetensors", "d0.64.safetensors", "d0.7.safetensors",
                        "d0.8.safetensors"]
     rounds = (tmp_path / "run" / "rounds.csv").read_text().splitlines()
-    assert rounds[0] == "round,density,pruned_to,kept,test_acc,epochs,seconds" and len(rounds) == 6
+    assert rounds[0] == ("round,density,pruned_to,kept,branch,test_acc,epochs,epochs_remaining,epochs_full,"
+                         "seconds") and len(rounds) == 6
     assert Ticket.load(tmp_path / "run" / "tickets" / "d0.7.safetensors").metadata["density_target"] == 0.7
     # its ticket fine-tunes again from the run folder, under the run's own search epochs (not the preset's)
     from gemminer.cli import main
@@ -217,3 +232,40 @@ def test_data_for_imp_is_a_plain_tensor_stream():
     stream = iter([(data.x, data.y)])
     with pytest.raises(GemminerError, match="length"):
         IMP(0.5, epochs=2, rewind="epoch:1").search(mlp(), stream)
+
+
+def rounds_by_kept(result) -> dict[int, dict]:
+    return {row["kept"]: row for row in result.tables["rounds.csv"]}
+
+
+@pytest.mark.parametrize("rewind", ["epoch:1", "lr"])
+def test_a_stops_ticket_and_epochs_do_not_depend_on_the_other_stops(stream, rewind):
+    alone = IMP(0.6, epochs=2, rewind=rewind, training=RECIPE).search(mlp(), stream())
+    among = IMP(0.45, epochs=2, rewind=rewind, keep_densities=[0.7, 0.6], training=RECIPE).search(mlp(), stream())
+    total = sum(mask.numel() for mask in alone.ticket.masks.values())
+    for density, ticket in among.tickets.items():  # branches and path points keep exactly round(N x density)
+        assert ticket.remaining == round(total * density)
+    ticket = among.tickets[0.6]
+    assert all(torch.equal(alone.ticket.masks[name], ticket.masks[name]) for name in ticket.masks)
+    kept = round(total * 0.6)
+    own, shared = rounds_by_kept(alone)[kept], rounds_by_kept(among)[kept]
+    assert own == {**shared, "seconds": own["seconds"]} and own["round"] == 3 and own["branch"]
+    assert alone.epochs == rounds_by_kept(among)[kept]["epochs"]
+    if rewind == "lr":  # its training starts from the weights its branch was pruned from, in both runs
+        start = among.start_states[0.6]
+        assert all(torch.equal(alone.start_state[name], start[name]) for name in start)
+    # the path is the same too: 0.45 branches off round 4's 0.512, not off a round at 0.6
+    assert among.tickets[0.512].remaining == round(total * 0.512) and rounds_by_kept(among)[round(total * 0.45)][
+        "round"] == 4
+
+
+def test_a_full_round_after_the_rewind_trains_the_whole_schedule(stream):
+    full = IMP(0.6, epochs=3, rewind="epoch:1", round_length="full", training=RECIPE).search(mlp(), stream())
+    remaining = IMP(0.6, epochs=3, rewind="epoch:1", training=RECIPE).search(mlp(), stream())
+    assert full.start_step == 0 and full.ticket.metadata["start_step"] == 0 and remaining.start_step == len(stream())
+    assert full.epochs == 9 and remaining.epochs == 3 + 2 * 2
+    assert all(torch.equal(full.start_state[name], remaining.start_state[name]) for name in full.start_state)
+    for rows in (full.tables["rounds.csv"], remaining.tables["rounds.csv"]):  # both counts, either way it ran
+        assert [(row["epochs_remaining"], row["epochs_full"]) for row in rows] == [(3, 3), (5, 6), (7, 9)]
+    with pytest.raises(GemminerError, match="round_length"):
+        IMP(0.5, round_length="half")

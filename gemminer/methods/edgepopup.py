@@ -6,8 +6,9 @@ The forward pass uses the weights whose |score| is among the top k of their laye
 the same largest-remainder split as uniform random tickets, so N * density is exact), or of
 all layers together with ``scope="global"``; the gradient passes straight through the
 selection to every score (the reference ``GetSubnet``). Only the scores train, with the
-paper's CIFAR recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4 on the scores, cosine.
-The ticket is the final top-k mask.
+paper's CIFAR recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4 on the scores, cosine,
+batch 256 (`config.PUBLISHED_DATA`). The ticket is the final top-k mask; it trains with the same
+official recipe (`config.RECIPES["edge-popup"]`).
 
 ``scope="global"`` is an extension (the paper ranks per layer): Kaiming-uniform scores are
 about 1/sqrt(fan_in) in size, so a global ranking starts by favouring layers of small
@@ -72,7 +73,7 @@ class EdgePopup(PruningMethod):
     name = "edge-popup"
     Config = EdgePopupConfig
     weight_init = "signed_constant"
-    recipe = "gemminer"
+    recipe = "edge-popup"  # the official config's training (RECIPES), not the Gem-Miner paper's fine-tuning
     ranked = False  # the inverted-ticket check is not defined for a trained top-k selection
 
     def _search(self, model: nn.Module, train: Iterable[Batch], test: Iterable[Batch] | None = None,
