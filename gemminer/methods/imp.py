@@ -42,7 +42,8 @@ from gemminer.train import Batch, evaluate, known_length
 @dataclass
 class IMPConfig:
     epochs: int = field(default=150, metadata={"help": "training epochs per round"})
-    prune_fraction: float = field(default=0.2, metadata={"help": "largest fraction of the survivors a round prunes"})
+    prune_fraction: float = field(default=0.2, metadata={"help": "largest fraction of the survivors a round prunes",
+                                                         "tune": {"low": 0.1, "high": 0.5}})
     keep_densities: list[float] | None = field(
         default=None, metadata={"help": "further densities the rounds stop at exactly (their tickets are kept)"})
     rewind: str = field(default="init", metadata={
