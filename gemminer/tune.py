@@ -247,7 +247,9 @@ def open_storage(out: Path, name: str, url: str | None, heartbeat: tuple[int, in
     import optuna
 
     interval, grace = heartbeat
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     if name == "journal":
         return _journal_storage(out, interval, grace, retry)
     target = url if url else f"sqlite:///{out / STUDY_DB}"
@@ -642,7 +644,7 @@ def write_plots(study: Any, folder: Path) -> list[Path]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                axes = plot(study)
+                axes = plot(study, target_name="validation accuracy")
             except (ValueError, RuntimeError):  # too few distinct trials for an importance estimate
                 continue
         figure = axes.figure
