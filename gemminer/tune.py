@@ -624,8 +624,8 @@ def write_history(trials: list[Any], params: list[str], path: Path) -> Path:
 
 
 def write_plots(study: Any, folder: Path) -> list[Path]:
-    """history.png (every complete trial's value and the best so far) and importances.png (fANOVA
-    importance of each parameter; it needs two complete trials with different values)."""
+    """history.png (every complete trial's value and the best so far) and importances.png (each
+    parameter's importance, Optuna's default estimate; it needs two complete trials with different values)."""
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as optuna_plots
 
