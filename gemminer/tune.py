@@ -142,7 +142,7 @@ def _nested(values: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class Study:
+class TuneRecord:
     """What tune.yaml records: a rerun with other values is refused."""
 
     method: str
@@ -172,7 +172,7 @@ def base_config(overrides: dict[str, Any]) -> RunConfig:
 
 
 def describe(overrides: dict[str, Any], params: list[str] | None, sampler: str, pruner: str, storage: str,
-             study_name: str | None) -> tuple[Study, list[Space], RunConfig]:
+             study_name: str | None) -> tuple[TuneRecord, list[Space], RunConfig]:
     """The study's record, its spaces and the trials' base config, checked before anything is written."""
     if sampler not in SAMPLERS:
         raise GemminerError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -191,13 +191,13 @@ def describe(overrides: dict[str, Any], params: list[str] | None, sampler: str, 
         # the first phase's first third: early epochs are too noisy to stop a trial on
         first_phase = getattr(config.search, "epochs", None) or config.finetune.epochs
         pruner_record.update(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=max(first_phase // 3, 1))
-    record = Study(config.method, config.density, config.seed, [space.name for space in chosen],
+    record = TuneRecord(config.method, config.density, config.seed, [space.name for space in chosen],
                    {space.name: space.record() for space in chosen}, sampler_record, pruner_record,
                    study_name or f"{config.method}-d{config.density:g}", storage, fixed)
     return record, chosen, config
 
 
-def check_same_study(saved: dict[str, Any], record: Study, where: str) -> None:
+def check_same_study(saved: dict[str, Any], record: TuneRecord, where: str) -> None:
     """One line naming the first difference between a recorded study and this command's."""
     wanted = record.record()
     for key in ("method", "density", "seed", "params", "spaces", "sampler", "pruner", "study", "storage", "config"):
@@ -320,7 +320,7 @@ def fail_left_running(study: Any, storage: Any) -> list[int]:
 
 
 # ---- trials -------------------------------------------------------------------------------------------------------
-def make_sampler(record: Study, finished: int, worker: int) -> Any:
+def make_sampler(record: TuneRecord, finished: int, worker: int) -> Any:
     """A sampler seeded from (seed, finished trials, worker): a resumed study draws what an uninterrupted
     one would have drawn from the same trials, and workers draw apart."""
     import optuna
@@ -332,7 +332,7 @@ def make_sampler(record: Study, finished: int, worker: int) -> Any:
                                       multivariate=record.sampler["multivariate"], constant_liar=True)
 
 
-def make_pruner(record: Study) -> Any:
+def make_pruner(record: TuneRecord) -> Any:
     import optuna
 
     if record.pruner["name"] == "none":
@@ -417,7 +417,7 @@ def counts(study: Any) -> tuple[int, int]:
     return finished, len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
-def work(study: Any, record: Study, overrides: dict[str, Any], chosen: list[Space], out: Path, target: int,
+def work(study: Any, record: TuneRecord, overrides: dict[str, Any], chosen: list[Space], out: Path, target: int,
          worker: int = 0, progress: bool = True, report: Callable[[str], None] | None = print) -> None:
     """Run trials until the study holds `target` finished ones (counting those running elsewhere)."""
     objective = _objective(overrides, chosen, out, progress)
@@ -445,7 +445,7 @@ def _worker(arguments: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // arguments["jobs"]))
     _quiet_optuna()
     try:
-        record = Study(**arguments["record"])
+        record = TuneRecord(**arguments["record"])
         out = Path(arguments["out"])
         storage = open_storage(out, record.storage if not arguments["url"] else "url", arguments["url"],
                                arguments["heartbeat"])
@@ -462,7 +462,7 @@ def _worker(arguments: dict[str, Any]) -> None:
         sys.exit(130)
 
 
-def _load(record: Study, storage: Any) -> Any:
+def _load(record: TuneRecord, storage: Any) -> Any:
     import optuna
 
     return optuna.create_study(study_name=record.study, storage=storage, direction="maximize",
@@ -537,7 +537,7 @@ def tune(overrides: dict[str, Any], out: str | Path, params: list[str] | None = 
         return write_outputs(study, record, overrides, out)
 
 
-def _run_workers(record: Study, overrides: dict[str, Any], out: Path, trials: int, jobs: int, url: str | None,
+def _run_workers(record: TuneRecord, overrides: dict[str, Any], out: Path, trials: int, jobs: int, url: str | None,
                  heartbeat: tuple[int, int]) -> None:
     """`jobs` processes (spawned: each its own interpreter and RNG, never threads) on one study."""
     from gemminer.checkpoint import StopRequested
@@ -565,7 +565,7 @@ def _run_workers(record: Study, overrides: dict[str, Any], out: Path, trials: in
 
 
 # ---- outputs ------------------------------------------------------------------------------------------------------
-def best_settings(record: Study, overrides: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+def best_settings(record: TuneRecord, overrides: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """The settings `mine --config` and a grid variant take: the keys the command set (not the tuning
     protocol's: density, seed, validation split), as resolved, with the tuned values."""
     resolved = flatten(dataclasses.asdict(base_config(merge(overrides, _nested(values)))))
@@ -576,7 +576,7 @@ def best_settings(record: Study, overrides: dict[str, Any], values: dict[str, An
     return {"method": record.method, **{key: value for key, value in given.items() if "." not in key}, **tree}
 
 
-def write_outputs(study: Any, record: Study, overrides: dict[str, Any], out: Path) -> TuneResult:
+def write_outputs(study: Any, record: TuneRecord, overrides: dict[str, Any], out: Path) -> TuneResult:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
