@@ -181,6 +181,10 @@ def describe(overrides: dict[str, Any], params: list[str] | None, sampler: str, 
     config = base_config(overrides)
     chosen = chosen_spaces(config.method, params)
     names = {space.name for space in chosen}
+    given = sorted(names & set(flatten(overrides)))
+    if given:
+        raise GemminerError(f"{given[0]} is tuned, so it cannot also be set (flag or --config): drop the setting, "
+                            "or leave the key out of --params")
     fixed = {key: value for key, value in result_config(config).items()
              if key not in names and key not in UNRECORDED}
     sampler_record = {"name": sampler, "seed": config.seed}

@@ -102,6 +102,8 @@ def test_bad_tune_input(tmp_path, data_dir):
         tune(overrides(data_dir), tmp_path / "b", params=["search.momentum"], trials=1, report=None)
     with pytest.raises(GemminerError, match="drop --data-eval-split"):
         tune(overrides(data_dir, data={"eval_split": "test"}), tmp_path / "c", trials=1, report=None)
+    with pytest.raises(GemminerError, match=r"finetune\.lr is tuned, so it cannot also be set"):
+        tune(overrides(data_dir, finetune={"lr": 0.1}), tmp_path / "d", trials=1, report=None)
     assert not (tmp_path / "b" / "tune.yaml").exists()
 
 
@@ -181,6 +183,8 @@ def test_sigkill_mid_trial_then_rerun_keeps_finished_trials_and_fails_the_stale_
     assert rows[1]["state"] == "fail" and rows[retried[0].number]["retry_of"] == "1"
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path):
     storage = open_storage(tmp_path, "journal", None, (1, 1))
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
