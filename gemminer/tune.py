@@ -497,6 +497,7 @@ def tune(overrides: dict[str, Any], out: str | Path, params: list[str] | None = 
          heartbeat: tuple[int, int] = (HEARTBEAT_SECONDS, GRACE_SECONDS)) -> TuneResult:
     """Tune `params` of the run config `overrides` (a nested dict, as `mine` takes) until the study in
     `out` holds `trials` finished trials; write the best settings, the trial history and the plots."""
+    from gemminer.checkpoint import StopRequested
     from gemminer.config import check_integer
     from gemminer.runs import folder_lock
 
@@ -534,10 +535,14 @@ def tune(overrides: dict[str, Any], out: str | Path, params: list[str] | None = 
         if report is not None:
             report(f"study {record.study} ({storage_name}): {finished} finished trials, {trials} wanted; tuning "
                    f"{', '.join(record.params)} of {record.method} at density {record.density:g}")
-        if jobs == 1:
-            work(study, record, overrides, chosen, out, trials, progress=progress, report=report)
-        else:
-            _run_workers(record, overrides, out, trials, jobs, storage, heartbeat)
+        try:
+            if jobs == 1:
+                work(study, record, overrides, chosen, out, trials, progress=progress, report=report)
+            else:
+                _run_workers(record, overrides, out, trials, jobs, storage, heartbeat)
+        except (StopRequested, KeyboardInterrupt):
+            write_outputs(study, record, overrides, out)  # the trials finished so far, for a study stopped early
+            raise
         return write_outputs(study, record, overrides, out)
 
 
@@ -614,8 +619,9 @@ def write_history(trials: list[Any], params: list[str], path: Path) -> Path:
             seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() \
                 if trial.datetime_complete and trial.datetime_start else None
             retry_of = trial.system_attrs.get("failed_trial", trial.user_attrs.get("retry_of"))
+            values = trial.params or trial.system_attrs.get("fixed_params") or {}  # a queued trial's are fixed
             writer.writerow({"number": trial.number, "state": trial.state.name.lower(), "value": trial.value,
-                             **{name: trial.params.get(name) for name in params}, "last_step": last,
+                             **{name: values.get(name) for name in params}, "last_step": last,
                              "last_intermediate": steps[last] if last is not None else None, "retry_of": retry_of,
                              "diverged": bool(trial.user_attrs.get("diverged")),
                              "seconds": round(seconds, 3) if seconds is not None else None,

@@ -183,6 +183,30 @@ def test_sigkill_mid_trial_then_rerun_keeps_finished_trials_and_fails_the_stale_
     assert rows[1]["state"] == "fail" and rows[retried[0].number]["retry_of"] == "1"
 
 
+def test_sigint_mid_trial_queues_it_again_and_writes_the_history(tmp_path, data_dir):
+    out = tmp_path / "study"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(_tune_command(out, data_dir, 3, 12), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        second = out / "trials" / "0001" / "metrics.jsonl"
+        while not (second.is_file() and second.stat().st_size > 0):
+            assert process.poll() is None and time.monotonic() < deadline, "the second trial did not start"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "stopped by SIGINT" in err.decode()
+    trials = load(out).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[2].system_attrs["fixed_params"] == trials[1].params  # the stopped trial runs again first
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert [row["state"] for row in rows] == ["complete", "fail", "waiting"] and (out / "best.yaml").is_file()
+    assert rows[2]["finetune.lr"] == rows[1]["finetune.lr"] and rows[2]["retry_of"] == "1"
+
+
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_journal_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path):
