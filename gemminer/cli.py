@@ -1,4 +1,4 @@
-"""Command line: ``gemminer mine | eval | finetune | compare | sanity | report | export``.
+"""Command line: ``gemminer mine | eval | finetune | compare | tune | sanity | report | export``.
 
 Flags for every config field are generated from the dataclasses (``--search-reg-lambda``,
 ``--finetune-lr``, ...); the common ones have short names (``--density``, ``--epochs``).
@@ -198,6 +198,27 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(compare, "gemminer")
 
+    tuning = commands.add_parser(
+        "tune", help="tune a method's settings on the validation split (Optuna): best.yaml, trials.csv, plots",
+        epilog="Every trial is a mine run measured on the --data-val-size split; the test split is not read. "
+               "See docs/tuning.md.")
+    tuning.add_argument("--out", required=True, help="study folder: tune.yaml, study.db or journal.log, trials/, "
+                                                     "best.yaml, trials.csv, plots/")
+    tuning.add_argument("--params", default=None,
+                        help="comma-separated config keys to tune (default: the method's; see docs/tuning.md)")
+    tuning.add_argument("--trials", type=int, default=20,
+                        help="finished trials (complete or pruned) the study should hold; a rerun tops it up "
+                             "(default %(default)s)")
+    tuning.add_argument("--jobs", type=int, default=1,
+                        help="processes running trials at once, on a journal file in --out (default %(default)s)")
+    tuning.add_argument("--storage", default=None, metavar="URL",
+                        help="database URL of a study shared by several machines (e.g. postgresql+psycopg://...)")
+    tuning.add_argument("--study-name", default=None, help="study name (default: METHOD-dDENSITY)")
+    tuning.add_argument("--sampler", default="tpe", help="tpe | random (default %(default)s)")
+    tuning.add_argument("--pruner", default="median", help="median | none (default %(default)s)")
+    tuning.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(tuning, method)
+
     check = commands.add_parser(
         "sanity", help="sanity checks of a finished run's ticket (Frankle et al. 2021): train its layerwise shuffle, "
                        "re-initialized weights, inverted ticket; print each one's drop")
@@ -384,6 +405,23 @@ def _number(text: str, what: str, kind: type) -> Any:
         raise GemminerError(f"bad {what} {text!r} in list") from None
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from gemminer.tune import tune
+
+    params = [name.strip() for name in args.params.split(",") if name.strip()] if args.params else None
+    result = tune(_overrides(args), args.out, params=params, trials=args.trials, jobs=args.jobs,
+                  storage=args.storage, study_name=args.study_name, sampler=args.sampler, pruner=args.pruner,
+                  progress=not args.quiet)
+    if result.best_value is None:
+        print(f"{result.finished} finished trials, none complete: no best settings yet")
+    else:
+        settings = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                             for key, value in result.best_params.items())
+        print(f"best of {result.finished} finished trials: validation accuracy {result.best_value:.4f} ({settings})")
+    print("written: " + ", ".join(str(path) for path in result.files))
+    return 0
+
+
 def cmd_sanity(args: argparse.Namespace) -> int:
     from gemminer.sanity import sanity
 
@@ -441,7 +479,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"mine": cmd_mine, "eval": cmd_eval, "finetune": cmd_finetune, "compare": cmd_compare,
-            "sanity": cmd_sanity, "report": cmd_report, "export": cmd_export}
+            "tune": cmd_tune, "sanity": cmd_sanity, "report": cmd_report, "export": cmd_export}
 
 
 _PACKAGE = Path(__file__).resolve().parent

@@ -61,10 +61,12 @@ class FinetuneConfig:
 
     epochs: int | None = field(default=None, metadata={"help": "fine-tuning epochs (default: the search epochs)",
                                                        "range": (0, math.inf, False, False)})
-    lr: float = field(default=0.01, metadata={"help": "learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
-    lr_schedule: str = field(default="multistep", metadata={"help": "multistep (x0.1 at milestones) | cosine"})
+    lr: float = field(default=0.01, metadata={"help": "learning rate", "tune": {"low": 1e-3, "high": 1.0, "log": True}})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "tune": {"low": 0.5, "high": 0.99}})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay",
+                                                        "tune": {"low": 1e-6, "high": 1e-2, "log": True}})
+    lr_schedule: str = field(default="multistep", metadata={"help": "multistep (x0.1 at milestones) | cosine",
+                                                            "tune": {"choices": ["multistep", "cosine"]}})
     milestones: list[int] | None = field(default=None,
                                          metadata={"help": "multistep epochs (default: the paper's rule)"})
 

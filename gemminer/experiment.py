@@ -20,7 +20,7 @@ from gemminer import __version__, distributed
 from gemminer.checkpoint import Checkpointer, StopFlag
 from gemminer.compact import mac_counts
 from gemminer.config import RunConfig, load_run_config, merge, resolve, result_tree, to_dict
-from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, load_dataset
+from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, TensorData, load_dataset
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
 from gemminer.init import init_hash, initialize_weights
@@ -107,9 +107,13 @@ def setup(config: RunConfig, init_state: dict[str, torch.Tensor] | None = None,
             first = str(err).strip().splitlines()
             raise GemminerError(f"initial weights do not fit model {config.model.name}: "
                                 f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from err
-    check_output_shape(model, dataset)
+    # a run measured on the validation split (tuning) never touches the test split, not even to move it
+    measured_on_val = data.eval_split == "val"
+    check_output_shape(model, dataset, dataset.val if measured_on_val else dataset.test)
     apply_threads(config, model, dataset)
-    dataset.train, dataset.test = dataset.train.to(device), dataset.test.to(device)  # once: batches are slices
+    dataset.train = dataset.train.to(device)  # once: batches are slices
+    if not measured_on_val:
+        dataset.test = dataset.test.to(device)
     dataset.val = dataset.val.to(device) if dataset.val is not None else None
     model = model.to(device)
     if device.type == "cuda" and any(isinstance(module, nn.Conv2d) for module in model.modules()):
@@ -142,14 +146,14 @@ def check_bf16(config: RunConfig, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def check_output_shape(model: nn.Module, dataset: Dataset) -> None:
-    """One forward pass on two test samples, before any folder is written: a model that
-    does not fit the data is bad input, not a failure in the middle of a search."""
+def check_output_shape(model: nn.Module, dataset: Dataset, split: TensorData | None = None) -> None:
+    """One forward pass on two samples of `split` (default the test split), before any folder is
+    written: a model that does not fit the data is bad input, not a failure in the middle of a search."""
     transform = dataset.transform() or (lambda inputs: inputs)
     was_training = model.training
     model.eval()
     try:
-        logits = model(transform(dataset.test.x[:2]))
+        logits = model(transform((dataset.test if split is None else split).x[:2]))
     except Exception as err:  # any shape or dtype mismatch inside a user's model
         raise GemminerError(f"model {type(model).__name__} fails on {dataset.name} inputs of shape "
                             f"{tuple(dataset.input_shape)}: {str(err).splitlines()[0]}") from err
@@ -226,11 +230,12 @@ def run_session(config: RunConfig, out: str | Path, force: bool, resume: bool = 
 
 
 def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool = True,
-         resume: bool = True) -> dict[str, Any]:
+         resume: bool = True, observe: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Search, evaluate at init, fine-tune; write the run folder. Returns the summary.
 
     An unfinished run in `out` is resumed from its checkpoint when its config matches
-    (`force` starts it over); a finished one is refused unless `force`.
+    (`force` starts it over); a finished one is refused unless `force`. `observe` sees every
+    metrics row after it is logged (tuning's pruner: it may raise to stop the run).
     """
     run = setup(config)
     method_cls = method_class(config.method)  # its options checked against the density and model before the folder
@@ -238,7 +243,18 @@ def mine(config: RunConfig, out: str | Path, force: bool = False, progress: bool
     method_cls.check_model(config.search, run.model, run.prunable)
     init_files = lambda folder: folder.write_state(run.model.state_dict(), "init.safetensors")  # noqa: E731
     with run_session(config, out, force, resume, init_files) as (folder, checkpoint):
+        if observe is not None:
+            folder.log = _observed(folder.log, observe)
         return _mine_phases(config, run, folder, checkpoint, progress)
+
+
+def _observed(log: Callable[[dict[str, Any]], None],
+              observe: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def logged(row: dict[str, Any]) -> None:
+        log(row)
+        observe(row)
+
+    return logged
 
 
 def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: Checkpointer,

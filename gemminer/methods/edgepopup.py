@@ -44,9 +44,11 @@ class EdgePopupConfig:
 
     epochs: int = field(default=100, metadata={"help": "score training epochs"})
     optimizer: str = field(default="sgd", metadata={"help": "sgd | adam"})
-    lr: float = field(default=0.1, metadata={"help": "score learning rate"})
+    lr: float = field(default=0.1, metadata={"help": "score learning rate",
+                                             "tune": {"low": 1e-2, "high": 3.0, "log": True}})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay on the scores"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay on the scores",
+                                                        "tune": {"low": 1e-6, "high": 1e-2, "log": True}})
     lr_schedule: str = field(default="cosine", metadata={"help": "cosine | constant"})
     scope: str = field(default="layer", metadata={"help": "top-k per layer (paper) | global (over all layers)"})
     scale_weights: bool = field(default=False, metadata={

@@ -32,10 +32,13 @@ class GemMinerConfig:
     """Search settings; defaults are the paper's (ResNet-20 / CIFAR-10)."""
 
     epochs: int = field(default=150, metadata={"help": "search epochs E"})
-    freeze_period: int = field(default=5, metadata={"help": "T: epochs between freezing events (0: no freezing)"})
-    reg_lambda: float = field(default=1e-4, metadata={"help": "lambda of the lambda * sum(s^2) score penalty"})
+    freeze_period: int = field(default=5, metadata={"help": "T: epochs between freezing events (0: no freezing)",
+                                                    "tune": {"low": 1, "high": 10}})
+    reg_lambda: float = field(default=1e-4, metadata={"help": "lambda of the lambda * sum(s^2) score penalty",
+                                                      "tune": {"low": 1e-6, "high": 1e-2, "log": True}})
     optimizer: str = field(default="sgd", metadata={"help": "sgd | adam"})
-    lr: float = field(default=0.1, metadata={"help": "score learning rate"})
+    lr: float = field(default=0.1, metadata={"help": "score learning rate",
+                                             "tune": {"low": 1e-2, "high": 3.0, "log": True}})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     lr_schedule: str = field(default="cosine", metadata={"help": "cosine | constant"})
     score_init: str = field(default="uniform", metadata={"help": "uniform (U(0,1), paper) | ones"})

@@ -54,7 +54,8 @@ from gemminer.train import Batch, evaluate, known_length
 @dataclass
 class IMPConfig:
     epochs: int = field(default=150, metadata={"help": "training epochs per round"})
-    prune_fraction: float = field(default=0.2, metadata={"help": "largest fraction of the survivors a round prunes"})
+    prune_fraction: float = field(default=0.2, metadata={"help": "largest fraction of the survivors a round prunes",
+                                                         "tune": {"low": 0.1, "high": 0.5}})
     keep_densities: list[float] | None = field(
         default=None, metadata={"help": "further densities whose tickets the run keeps: each a branch off the "
                                         "nearest round above it, or a point of the 0.8^k path"})
