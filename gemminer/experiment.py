@@ -226,7 +226,8 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
                                recalibration=run.batches("bn-recalibration"), checkpoint=checkpoint)
         write_search_files(config, folder, result)
-        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds, "start_point": result.start_point}
+        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds, "start_point": result.start_point,
+                              "summary": result.summary}
         pipeline["rows"] = list(result.history)  # the search is the first phase: its rows are all there are
         pipeline.pop("method_state", None)  # its files are written: the method's progress is not needed again
         checkpoint.save(None)  # the search is done: a resume starts at fine-tuning
@@ -259,6 +260,7 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         "start_point": start_point, "start_step": start_step_of(ticket),
         "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
         "torch": torch.__version__, "gemminer": __version__,
+        **pipeline["search"].get("summary", {}),
     }
     folder.finish(summary)
     return summary
