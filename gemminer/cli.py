@@ -365,12 +365,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         config, ticket, _, init = load_run(path)
         run = setup(config, init_state=init)
         macs = layer_macs(run.model, run.dataset.input_shape)
+        on_path = run.density_on_path(ticket)
         png = Path(args.png) if args.png else path / "layer_density.png"
     else:
         ticket = Ticket.load(path)
         png = Path(args.png) if args.png else path.with_name(path.stem + "-density.png")
     chart = plot_layer_density(ticket, png)  # first: a chart that cannot be written is one line, before the table
     print(ticket.layer_report(macs))
+    if path.is_dir():
+        shown = "unknown (the model's graph could not be analysed)" if on_path is None else f"{on_path:.4f}"
+        print(f"density on path: {shown} (fraction of the kept weights on an input-to-output path)")
     print(f"density chart: {chart}")
     return 0
 

@@ -5,6 +5,7 @@ import torch
 
 from gemminer.cli import main
 from gemminer.config import resolve
+from gemminer.experiment import OffPath
 from gemminer.masking import ScoreMask
 from gemminer.methods.gemminer import GemMiner, freeze_lowest
 from gemminer.methods.reg_lambda import AutoLambda, scheduled
@@ -139,3 +140,32 @@ def test_bad_lambda_settings_are_one_line(flags, message, tmp_path, capsys, data
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+FAST = ["--epochs", "4", "--search-freeze-period", "1", "--finetune-epochs", "1", "--model-width", "8",
+        "--data-num-samples", "500", "--bn-recalibration-batches", "2", "--quiet"]
+
+
+def test_summary_report_and_warning_give_the_on_path_density(tmp_path, capsys, data_dir):
+    import json
+
+    healthy = tmp_path / "healthy"
+    assert main(["mine", "--out", str(healthy), "--density", "0.2", "--data-dir", data_dir, *FAST]) == 0
+    summary = json.loads((healthy / "summary.json").read_text())
+    assert 0.5 <= summary["density_on_path"] <= 1 and summary["reg_lambda_mode"] == "auto"
+    assert len(summary["reg_lambda_trajectory"]) == summary["epochs_to_ticket"] == 4
+    capsys.readouterr()
+    assert main(["report", str(healthy)]) == 0
+    assert f"density on path: {summary['density_on_path']:.4f}" in capsys.readouterr().out
+
+    # lambda 100 empties the gem in the first epoch: the exit keeps the target by score, all scores tie
+    # at 0, and the tie rule keeps the last layers only: nothing reaches them from the input
+    broken = tmp_path / "broken"
+    with pytest.warns(OffPath, match=r"only 0\.0% of the ticket's weights lie on an input-to-output path"):
+        assert main(["mine", "--out", str(broken), "--density", "0.05", "--data-dir", data_dir, *FAST,
+                     "--search-reg-lambda", "100"]) == 0
+    summary = json.loads((broken / "summary.json").read_text())
+    assert summary["density_on_path"] == 0.0 and summary["search_exit_epoch"] == 1
+    assert summary["epochs_to_ticket"] == 1
+    metrics = (broken / "metrics.csv").read_text().splitlines()
+    assert "frozen_gem" in metrics[0] and "search_exit" in metrics[0]
