@@ -24,7 +24,7 @@ from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.masking import ScoreMask, attach_score_masks, clamp_scores, largest, like_weight, release_score_masks
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
-from gemminer.methods.reg_lambda import TARGET_SHARE, AutoLambda, scheduled
+from gemminer.methods.reg_lambda import TARGET_SHARE, AutoLambda, gem_path, scheduled
 from gemminer.seeding import make_generator
 from gemminer.train import Batch
 
@@ -167,6 +167,9 @@ class GemMiner(PruningMethod):
                 if config.reg_lambda == "auto" else None)
         optimizer_box: list[torch.optim.Optimizer] = []
 
+        def allowed(epoch: int) -> float:
+            return gem_path(epoch, config.epochs, total, final_keep)
+
         def penalty(epoch: int) -> float:
             """λ in force during 0-based `epoch`."""
             if config.reg_lambda_schedule:
@@ -191,7 +194,7 @@ class GemMiner(PruningMethod):
             row.update({"reg_loss": row["reg_lambda"] * squares, "density": alive / total,
                         "density_gem": gem / total, "freeze_event": int(epoch in schedule or "search_exit" in row)})
             if auto is not None:
-                auto.update()
+                auto.update(gem, allowed(epoch))
             following = penalty(epoch + 1)
             for group in optimizer_box[0].param_groups:  # λ enters as weight decay 2λ (below)
                 group["weight_decay"] = 2 * following

@@ -29,6 +29,10 @@ from torch import Tensor
 # The equilibrium aims a little below the target, so the gem's noise around it stays under the last
 # freezing bound ("at or just below the target").
 TARGET_SHARE = 0.9
+# The share of the search epochs after which the gem should be at its target size (`gem_path`).
+REACH = 0.6
+# Each epoch the gem stays under the schedule, the feedback push keeps this share of itself.
+PUSH_FADE = 0.7
 # Weight of the newest epoch's mean gradient in the running average: a score integrates its gradient
 # over many epochs, a single epoch's mean is noisy, and the mask (hence the gradients) keeps changing.
 NEWEST_EPOCH_WEIGHT = 0.5
@@ -46,6 +50,8 @@ class AutoLambda:
     def __init__(self, scores: list[Tensor], alive: list[Tensor], target: int) -> None:
         self.scores, self.alive, self.target = scores, alive, max(int(target), 1)
         self.value = 0.0
+        self.equilibrium = 0.0  # the λ whose fixed point is the target (module docstring)
+        self.push = 0.0  # the feedback λ while the gem runs ahead of the freezing schedule
         self.steps = 0
         self.epoch_sum = [torch.zeros_like(s, dtype=torch.float32) for s in scores]
         self.average: list[Tensor] | None = None
@@ -59,11 +65,21 @@ class AutoLambda:
         self.steps += 1
 
     @torch.no_grad()
-    def update(self) -> float:
-        """λ for the next epoch: midway between the `target`-th and the next largest smoothed -ḡ among the
-        alive weights, at least 0."""
-        if self.steps == 0:
-            return self.value
+    def update(self, gem: int | None = None, allowed: float | None = None) -> float:
+        """λ for the next epoch, from the epoch's gradients and, where given, the gem's size `gem` against
+        the count `allowed` that the freezing schedule leaves it (`AutoLambda` docstring)."""
+        if self.steps:
+            self.equilibrium = self._equilibrium()
+        if gem is not None and allowed is not None:
+            if gem > allowed:  # the gem is still too large for the schedule: push harder, at most 2x a time
+                self.push = max(self.push, self.value) * min(2.0, gem / max(allowed, 1.0))
+            else:  # it is under the schedule: let the push fade back to the equilibrium
+                self.push *= PUSH_FADE
+        self.value = max(self.equilibrium, self.push)
+        return self.value
+
+    def _equilibrium(self) -> float:
+        """Midway between the `target`-th and the next largest smoothed -ḡ among the alive weights, >= 0."""
         means = torch._foreach_div(self.epoch_sum, float(self.steps))
         if self.average is None:
             self.average = means
@@ -76,25 +92,35 @@ class AutoLambda:
                           for mean, flags in zip(self.average, self.alive, strict=True)])
         count = min(self.target, int((pull > float("-inf")).sum()))
         if count < 1:
-            return self.value
+            return self.equilibrium
         ranked = torch.topk(pull.cpu().double(), min(count + 1, pull.numel())).values
         # between the k-th and the (k+1)-th pull: the k-th settles above 0.5, the next one below
         # (at exactly the k-th pull its score would settle at 0.5, which is off)
         finite = ranked[torch.isfinite(ranked)]
         threshold = (finite[count - 1] + finite[count]) / 2 if finite.numel() > count else finite[count - 1]
-        self.value = max(float(threshold), 0.0)
-        return self.value
+        return max(float(threshold), 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "steps": self.steps, "epoch_sum": [t.clone() for t in self.epoch_sum],
+        return {"value": self.value, "equilibrium": self.equilibrium, "push": self.push, "steps": self.steps, "epoch_sum": [t.clone() for t in self.epoch_sum],
                 "average": None if self.average is None else [t.clone() for t in self.average]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.steps = float(state["value"]), int(state["steps"])
+        self.equilibrium, self.push = float(state["equilibrium"]), float(state["push"])
         for tensor, saved in zip(self.epoch_sum, state["epoch_sum"], strict=True):
             tensor.copy_(saved)
         self.average = None if state["average"] is None else [
             saved.to(tensor.device).clone() for tensor, saved in zip(self.epoch_sum, state["average"], strict=True)]
+
+
+def gem_path(epoch: int, epochs: int, total: int, target: int) -> float:
+    """The gem size `AutoLambda`'s feedback keeps under after 0-based `epoch`: a geometric path from half
+    the weights (U(0,1) scores at init) down to `TARGET_SHARE` * `target`, reached after `REACH` of the
+    epochs and held after. Scores take epochs to follow a new λ, and with a cosine lr they barely move
+    late in the search, so the gem must be at its size well before the last freezing events; the path
+    also stays below every freezing bound (they fall from all weights to the target over all epochs)."""
+    progress = min((epoch + 1) / max(REACH * epochs, 1.0), 1.0)
+    return TARGET_SHARE * (0.5 * total) ** (1 - progress) * max(target, 1) ** progress
 
 
 def scheduled(values: list[float], epoch: int) -> float:
