@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 11: one command, no editing, 5.3 minutes on one H100 (317 s), 4 on one H200.
+# The prepared GPU check: one command, no editing, about 5 minutes on one H100 (317 s) or one H200 (235 s).
 #
 #   bash benchmarks/gpu_prepare.sh      # first, where the data is: fills gpu-carry/ (git-ignored)
-#   bash benchmarks/gpu_check.sh        # on the GPU machine (device tool: carry=["gpu-carry"])
+#   bash benchmarks/gpu_check.sh        # on the GPU machine, with gpu-carry/ copied beside the repository's files
 #   bash benchmarks/gpu_check.sh --only resume,speed    # rerun chosen steps
 #   bash benchmarks/gpu_check.sh --dry-run              # on CPU, every size shrunk
 #
 # Writes $OUT/gpu_check.json (./gpu-report/ without $OUT), rewritten after every step, and
-# gpu_check.log. Steps and options: benchmarks/gpu_check.py (--help).
+# gpu_check.log. Steps and options: benchmarks/gpu_check.py (--help);
+# each step is a module of benchmarks/gpu_steps/.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 if [ -z "${PYTHON:-}" ]; then

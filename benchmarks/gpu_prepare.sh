@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run HERE, before a GPU session: copies what the GPU machine lacks into gpu-carry/ (git-ignored),
-# for the device tool to carry along with the project (run(..., carry=["gpu-carry"])):
+# Prepares a GPU machine that has no network: run it where the data lies, then copy gpu-carry/
+# (git-ignored) to the GPU machine together with the repository's files. It fills:
 #
 #   gpu-carry/site/mnist1d/         the mnist1d package (pure Python) from this environment; the GPU
 #                                   machine has its other needs (numpy, scipy, matplotlib, requests)
@@ -8,7 +8,7 @@
 #                                   benchmarks/gpu_check.sh converts it there into the binary release that
 #                                   `--data cifar10 --data-dir` reads (184 MB as records: too big to carry)
 #
-# No network. Prints what travels in all: at most 64 MiB may.
+# No network. Prints the size of what is to be copied, and stops above 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -36,7 +36,7 @@ cp -R "$package" gpu-carry/site/mnist1d
 find gpu-carry -name __pycache__ -prune -exec rm -rf {} +
 cp "$ARCHIVE" gpu-carry/cifar10-jpeg.tar.gz
 
-# what the device tool sends: tracked and untracked-not-ignored files, plus gpu-carry/
+# what is to be copied: the tracked and untracked-not-ignored files, plus gpu-carry/
 "$PYTHON" - <<'PY'
 import os, subprocess
 MiB = 1 << 20
@@ -56,8 +56,8 @@ total = tree + sum(carry.values())
 for name, size in carry.items():
     print(f"{name}: {size / MiB:.2f} MiB")
 print(f"the project's files: {tree / MiB:.2f} MiB")
-print(f"in all: {total / MiB:.1f} MiB of the 64 MiB that may travel")
+print(f"in all: {total / MiB:.1f} MiB to copy (kept under 64 MiB)")
 if total > 64 * MiB:
     raise SystemExit("gpu_prepare: over the limit")
 PY
-echo 'next, on the GPU machine: bash benchmarks/gpu_check.sh   (device tool: carry=["gpu-carry"], timeout_s=400)'
+echo 'next, on the GPU machine, with gpu-carry/ beside the files: bash benchmarks/gpu_check.sh   (about 5 minutes)'

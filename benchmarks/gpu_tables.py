@@ -1,4 +1,4 @@
-"""The GPU tables of BENCHMARKS.md, from what a GPU session brought back (no GPU needed here).
+"""The GPU tables of docs/benchmarks.md, from the results a GPU check wrote (no GPU needed here).
 
     python benchmarks/gpu_tables.py benchmarks/gpu-results/h100-2026-11-26
 

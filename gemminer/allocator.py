@@ -4,7 +4,7 @@ Every step allocates and frees activations of a few megabytes. With glibc's defa
 blocks above a (dynamic) limit are mmap-ed and unmapped each time, and the heap top is trimmed
 back to the OS, so the next step page-faults the same memory in again, zeroed. Keeping blocks
 up to 32 MiB on the heap and trimming only above 256 MiB made a CPU training epoch 22%
-shorter on the development machine (BENCHMARKS.md, "CPU allocator"); results are unchanged, since
+shorter on the development machine (docs/benchmarks.md, "CPU allocator"); results are unchanged, since
 where a tensor lives changes no arithmetic.
 
 The command line applies it (`gemminer ...`, and every `compare` worker); library users may call

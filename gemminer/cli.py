@@ -103,8 +103,30 @@ def _pre_method(argv: list[str]) -> str:
     return "gemminer"
 
 
+def version_line() -> str:
+    """``gemminer VERSION (commit COMMIT)``: the package version and the checkout's commit (``git describe
+    --always --dirty``; left out outside a git checkout)."""
+    from gemminer import __version__
+    from gemminer.runs import code_commit
+
+    commit = code_commit()
+    return f"gemminer {__version__}" + (f" (commit {commit})" if commit else "")
+
+
+class _Version(argparse.Action):
+    """``--version``: print `version_line` and exit 0 (git runs only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     parser = Parser(prog="gemminer", description="Lottery tickets at initialization: Gem-Miner and baselines.")
+    parser.add_argument("--version", action=_Version, help="print the version and the git commit, and exit")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     mine = commands.add_parser("mine", help="find a ticket, evaluate it at init, fine-tune it; write a run folder",
@@ -149,7 +171,7 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
                         "results.md and plots; in parallel with --jobs or on Ray with --ray", epilog=DEFAULTS_NOTE)
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and results (default %(default)s)")
     compare.add_argument("--grid", metavar="FILE", help="grid file: base settings, named variants, densities, seeds, "
-                                                        "sanity checks (see README); replaces the next four flags")
+                                                        "sanity checks (docs/compare.md); replaces the next four flags")
     compare.add_argument("--methods", default="gemminer,random",
                          help="comma-separated methods, one variant each (default %(default)s)")
     compare.add_argument("--densities", default="0.02", help="comma-separated densities")

@@ -110,7 +110,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # epochs as the paper's do within 150; lambda follows the target density (auto).
         "search:gemminer": {"epochs": 30, "freeze_period": 2, "reg_lambda": "auto", "lr": 0.3},
         # IMP trains as long per round as Gem-Miner searches; the dense recipe (IMP's rounds, the tickets
-        # of IMP, PaI and random methods) was swept on a validation split (BENCHMARKS.md)
+        # of IMP, PaI and random methods) was swept on a validation split (docs/benchmarks.md)
         "search:imp": {"epochs": 30},
         "search:edge-popup": {"epochs": 30, "lr": 0.3, "weight_decay": 1e-4},
         "finetune:dense": {"lr": 0.1, "weight_decay": 5e-4},
@@ -247,7 +247,7 @@ def load_yaml(path: str) -> dict[str, Any]:
             raise ValueError("a binary file, not YAML")
         if not text.strip():
             raise GemminerError(f"config file {path} is empty; write the config keys there as a YAML mapping "
-                                "(README, Commands), or leave --config out")
+                                "(docs/concepts.md, Settings), or leave --config out")
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -283,10 +283,27 @@ def load_run_config(path: str | Path) -> RunConfig:
     return config
 
 
+# The method registry, handed over by `gemminer.methods` when it is imported (importing the
+# `gemminer` package imports it first), so that config never imports the methods that import it.
+_methods: dict[str, Any] = {}
+
+
+def use_methods(registry: dict[str, Any]) -> None:
+    """Let `resolve` look methods up in `registry` (name -> method class; the dict itself, so a
+    method added to it later is seen too)."""
+    global _methods
+    _methods = registry
+
+
+def method_class(name: str) -> Any:
+    """The registered method class `name` (its `Config`, `recipe` and `weight_init` shape a run config)."""
+    if name not in _methods:
+        raise GemminerError(f"unknown method {name!r}; allowed: {', '.join(sorted(_methods))}")
+    return _methods[name]
+
+
 def resolve(overrides: dict[str, Any]) -> RunConfig:
     """Build the run config from defaults, the data set's preset and `overrides` (nested dict)."""
-    from gemminer.methods import method_class  # the method decides the search section's type
-
     for section in SECTIONS:
         if section in overrides and overrides[section] is not None and not isinstance(overrides[section], dict):
             raise GemminerError(f"config key {section!r} must be a section (a mapping), got {overrides[section]!r}")

@@ -4,40 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from gemminer.errors import GemminerError, reading
+from gemminer.datasets.mnist1d import load_mnist1d
+from gemminer.datatypes import Dataset, TensorData, default_cache_dir, read_npz
+from gemminer.errors import GemminerError
 
+__all__ = ["AUTO_EVAL_BATCH", "Batches", "Dataset", "TensorData", "default_cache_dir", "load_dataset", "load_mnist1d",
+           "one_thread_on_cpu", "read_npz", "split_dataset"]
 # data.eval_batch_size "auto" per device type. CPU: a ResNet-20 pass over CIFAR-10's test split
-# takes 14.0 s at 256 and 16.6 s at 1000 on 2 cores (benchmarks/eval_batch.py, BENCHMARKS.md);
-# CUDA: large batches keep the GPU busy (to be confirmed by benchmarks/gpu_check.sh).
+# takes 14.0 s at 256 and 16.6 s at 1000 on 2 cores; CUDA: 0.041 s at 1000 on one H100, within 7 ms of
+# the fastest batch (benchmarks/eval_batch.py; docs/benchmarks.md, "Evaluation batch size").
 AUTO_EVAL_BATCH = {"cpu": 256, "cuda": 1000}
-
-
-@dataclass
-class TensorData:
-    """Inputs and integer labels, already on their device."""
-
-    x: Tensor
-    y: Tensor
-
-    def __post_init__(self) -> None:
-        if len(self.x) != len(self.y):
-            raise GemminerError(f"TensorData has {len(self.x)} inputs and {len(self.y)} labels: one label per input")
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def to(self, device: torch.device | str) -> TensorData:
-        return TensorData(self.x.to(device), self.y.to(device))
 
 
 class Batches:
@@ -139,102 +121,6 @@ def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@dataclass
-class Dataset:
-    """Splits as tensors. Image sets hold uint8 NCHW images plus the per-channel `mean` and
-    `std` (of the training images, in [0, 1]) that `transform` normalizes with, per batch;
-    `augmentation` names the data set's standard training augmentation."""
-
-    name: str
-    train: TensorData
-    test: TensorData
-    num_classes: int
-    val: TensorData | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    augmentation: str = "none"  # "crop_flip": padded random crop (H // 8 pixels) + horizontal flip
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
-
-    def transform(self, train: bool = False, generator: torch.Generator | None = None,
-                  augment: bool = True, channels_last: bool = False) -> Callable[[Tensor], Tensor] | None:
-        """The per-batch transform: normalization, plus augmentation for training batches
-        (`train` and `augment`, drawn from `generator`). None for data stored as floats.
-        `channels_last` lays image batches out NHWC (for CUDA: on some CPUs oneDNN's NHWC
-        backward of strided 1x1 convolutions corrupts memory in torch 2.13)."""
-        from gemminer.transforms import ImageTransform
-
-        if self.mean is None or self.std is None:
-            return None
-        channels_last = channels_last and len(self.input_shape) == 3
-        if train and augment and self.augmentation == "crop_flip":
-            return ImageTransform(self.mean, self.std, crop_padding=self.input_shape[-1] // 8, flip=True,
-                                  generator=generator, channels_last=channels_last)
-        return ImageTransform(self.mean, self.std, channels_last=channels_last)
-
-
-def default_cache_dir() -> Path:
-    """``$GEMMINER_CACHE`` or ``~/.cache/gemminer``."""
-    return Path(os.environ.get("GEMMINER_CACHE", Path.home() / ".cache" / "gemminer"))
-
-
-def load_mnist1d(data_dir: Path | None = None, num_samples: int = 5000) -> Dataset:
-    """MNIST-1D made locally by `mnist1d.data.make_dataset` (never downloaded).
-
-    num_samples 5000 gives the canonical 4000/1000 split. The arrays are cached as
-    float32 `.npz`, and a fresh build is cast to float32 the same way, so a run is
-    bit-identical with or without the cache.
-    """
-    if num_samples < 10:
-        raise GemminerError(f"mnist1d needs at least 10 samples, got {num_samples}")
-    cache = (data_dir or default_cache_dir()) / f"mnist1d-{num_samples}.npz"
-    if cache.is_file():
-        arrays = read_npz(cache, "data cache", "delete it to rebuild")
-        try:
-            x, y, x_test, y_test = (arrays[key] for key in ("x", "y", "x_test", "y_test"))
-        except KeyError as err:
-            raise GemminerError(f"cannot read data cache {cache}: no array {err}; delete it to rebuild") from None
-    else:
-        x, y, x_test, y_test = _make_mnist1d(num_samples)
-        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")  # processes may build it at once
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, x=x, y=y, x_test=x_test, y_test=y_test)
-            os.replace(tmp, cache)
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise GemminerError(f"cannot write the MNIST-1D cache {cache}: {err.strerror}; give a writable "
-                                "--data-dir") from err
-    to_tensors = lambda xs, ys: TensorData(torch.from_numpy(xs).unsqueeze(1), torch.from_numpy(ys))  # noqa: E731
-    return Dataset("mnist1d", to_tensors(x, y), to_tensors(x_test, y_test), num_classes=10)
-
-
-def read_npz(path: Path, what: str, remedy: str) -> dict[str, np.ndarray]:
-    """Every array of an `.npz` file (no pickle), read at once; a zero-byte, truncated or foreign
-    file is one error line, and the file is closed on every path."""
-    with reading(path, what, remedy), open(path, "rb") as handle, np.load(handle, allow_pickle=False) as stored:
-        return {key: stored[key] for key in stored.files}
-
-
-def _make_mnist1d(num_samples: int) -> tuple[np.ndarray, ...]:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples = num_samples
-    # make_dataset reseeds Python's and NumPy's global generators: keep the caller's state.
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        raw = make_dataset(args)
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-    return (raw["x"].astype(np.float32), raw["y"].astype(np.int64),
-            raw["x_test"].astype(np.float32), raw["y_test"].astype(np.int64))
 
 
 def load_dataset(name: str, data_dir: str | None = None, num_samples: int = 5000, *, download: bool = False,

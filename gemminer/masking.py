@@ -105,7 +105,7 @@ def straight_through_threshold(scores: Tensor) -> Tensor:
 
     Written as ``s + (r - s).detach()`` with native operations rather than an autograd Function: the
     backward is one pass-through node, and no Python runs per layer and step, which was half of what
-    the CPU search cost over dense training (BENCHMARKS.md, "Search versus dense training"). The
+    the CPU search cost over dense training (docs/benchmarks.md, "What a search epoch costs"). The
     value is exactly r for every s in [0, 2] (r - s is exact there by Sterbenz's lemma, and so is the
     sum); scores stay in [0, 1] by the search's clamp. A NaN score stays NaN."""
     detached = scores.detach()

@@ -228,8 +228,8 @@ class RunFolder:
                 if self.file(folder).is_dir():
                     shutil.rmtree(self.file(folder))
             if held_a_run:  # what other commands wrote into it; in a folder new to gemminer these are the user's
-                for stale in later_files():
-                    self.file(stale).unlink(missing_ok=True)
+                for stale in later_files(self.path):
+                    stale.unlink(missing_ok=True)
                 if self.file("tensorboard").is_dir():
                     shutil.rmtree(self.file("tensorboard"))
             write_atomic(self.file("config.yaml"), dump_yaml(config))
@@ -337,13 +337,12 @@ def code_commit() -> str:
         return ""
 
 
-def later_files() -> list[str]:
-    """The default files that commands run on a finished run write into its folder: `export`'s and
-    `report`'s charts (of the folder, of its ticket and gem)."""
-    from gemminer.export import EXPORT_FORMATS, EXPORT_WEIGHTS
-
-    exports = [f"export-{weights}-{form}.safetensors" for weights in EXPORT_WEIGHTS for form in EXPORT_FORMATS]
-    return [*exports, "layer_density.png", "ticket-density.png", "gem-density.png"]
+def later_files(folder: Path) -> list[Path]:
+    """The default files that commands run on a finished run write into `folder`: `export`'s
+    (``export-<weights>-<format>.safetensors``, whose names `gemminer.export` owns) and `report`'s
+    charts (of the folder, of its ticket and gem)."""
+    charts = [folder / name for name in ("layer_density.png", "ticket-density.png", "gem-density.png")]
+    return [*sorted(folder.glob("export-*-*.safetensors")), *charts]
 
 
 def summary_writer_class() -> Any:

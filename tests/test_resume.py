@@ -22,7 +22,7 @@ RUN_FLAGS = ["--density", "0.05", "--epochs", "8", "--search-freeze-period", "2"
              "--model-width", "16", "--data-num-samples", "1000", "--data-batch-size", "32",
              "--bn-recalibration-batches", "3", "--quiet"]
 NOT_EXACT = ("bit-exact resume needs deterministic algorithms, which gemminer does not switch on; "
-             "benchmarks/gpu_check.sh checks it with them, and within README's CUDA tolerance without")
+             "benchmarks/gpu_check.sh checks it with them, and within the CUDA tolerance of docs/runs.md without")
 
 
 def run_flags(device: torch.device) -> list[str]:

@@ -1,5 +1,5 @@
 """benchmarks/search_speed.py: its pairing, its bound and both kinds of dense training (the benchmark's
-numbers live in BENCHMARKS.md; this checks that it measures what it says, in seconds of tiny data)."""
+numbers live in docs/benchmarks.md; this checks that it measures what it says, in seconds of tiny data)."""
 
 import importlib.util
 import json

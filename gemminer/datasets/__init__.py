@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from gemminer.data import Dataset, load_mnist1d
 from gemminer.datasets.cifar import load_cifar
 from gemminer.datasets.common import Source
 from gemminer.datasets.folders import load_image_folder, load_tiny_imagenet
 from gemminer.datasets.idx import load_idx_dataset
+from gemminer.datasets.mnist1d import load_mnist1d
 from gemminer.datasets.svhn import load_svhn
+from gemminer.datatypes import Dataset
 from gemminer.errors import GemminerError
 
 Loader = Callable[[Source], Dataset]

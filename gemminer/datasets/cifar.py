@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, first_existing, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
+from gemminer.datatypes import Dataset
 from gemminer.errors import GemminerError, reading
 
 

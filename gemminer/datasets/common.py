@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemminer.data import Dataset, TensorData, default_cache_dir
+from gemminer.datatypes import Dataset, TensorData, default_cache_dir
 from gemminer.errors import GemminerError
 
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning, so old caches are not read
@@ -74,7 +74,7 @@ def cached_arrays(name: str, files: list[Path], decode: Callable[[], dict[str, n
     """
     path = default_cache_dir() / "arrays" / f"{name}-{fingerprint(files)}.npz"
     if path.is_file():
-        from gemminer.data import read_npz
+        from gemminer.datatypes import read_npz
 
         return read_npz(path, "data cache", "delete it to rebuild")
     arrays = decode()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
+from gemminer.datatypes import Dataset
 from gemminer.errors import GemminerError, reading
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

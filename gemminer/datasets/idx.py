@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
+from gemminer.datatypes import Dataset
 from gemminer.errors import GemminerError, reading
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

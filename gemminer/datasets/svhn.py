@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gemminer.data import Dataset
 from gemminer.datasets.common import Source, cached_arrays, first_existing, image_dataset, missing
 from gemminer.datasets.download import Archive, fetch
+from gemminer.datatypes import Dataset
 from gemminer.errors import GemminerError
 
 FILES = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373", "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}

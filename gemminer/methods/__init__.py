@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gemminer.errors import GemminerError
+from gemminer.config import method_class as config_method_class
+from gemminer.config import use_methods
 from gemminer.methods.base import PruningMethod, SearchResult
 from gemminer.methods.dense import Dense
 from gemminer.methods.edgepopup import EdgePopup
@@ -27,10 +28,12 @@ METHODS: dict[str, type[PruningMethod]] = {
 }
 
 
+use_methods(METHODS)  # config resolves a run's method through this registry, without importing it
+
+
 def method_class(name: str) -> type[PruningMethod]:
-    if name not in METHODS:
-        raise GemminerError(f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    """The registered method `name`; an unknown name is one error line listing the allowed ones."""
+    return config_method_class(name)
 
 
 __all__ = ["METHODS", "PruningMethod", "SearchResult", "method_class"]
