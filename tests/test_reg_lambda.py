@@ -8,7 +8,7 @@ from gemminer.config import resolve
 from gemminer.experiment import OffPath
 from gemminer.masking import ScoreMask
 from gemminer.methods.gemminer import GemMiner, freeze_lowest
-from gemminer.methods.reg_lambda import AutoLambda, scheduled
+from gemminer.methods.reg_lambda import AutoLambda, scheduled, speed_floor
 from gemminer.models import build_model
 from gemminer.sanity import replayed_lambda
 
@@ -51,6 +51,24 @@ def test_the_chosen_lambda_settles_the_gem_at_its_target(optimizer):
     assert lam == pytest.approx(float(pull.topk(31).values[-2:].mean()))
 
 
+def test_speed_floor_lets_an_unheld_score_fall_to_half_within_the_reach():
+    """Under SGD with momentum a score with no task gradient shrinks by lr_eff * 2 lambda * s per step; at the
+    floor it goes from 1 to 0.5 over the first half of the cosine schedule."""
+    epochs, steps, lr = 10, 7, 0.2
+    floor = speed_floor("sgd", lr, 0.0, "cosine", epochs, steps)
+    score = torch.ones(1, requires_grad=True)
+    opt = torch.optim.SGD([score], lr=lr, weight_decay=2 * floor)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _epoch in range(epochs // 2):
+        for _step in range(steps):
+            score.grad = torch.zeros(1)
+            opt.step()
+        schedule.step()
+    assert float(score.detach()) == pytest.approx(0.5, abs=0.01)
+    assert speed_floor("adam", lr, 0.9, "cosine", epochs, steps) == 0.0
+    assert speed_floor("sgd", lr, 0.9, "cosine", epochs, None) == 0.0  # a stream of unknown length
+
+
 def _cnn(tiny, width=16):
     torch.manual_seed(0)
     return build_model("cnn1d", tiny.input_shape, 10, width=width)
@@ -71,7 +89,11 @@ def test_auto_lambda_keeps_every_freezing_event_out_of_the_gem(tiny, optimizer, 
     result = GemMiner(0.05, epochs=16, freeze_period=2, reg_lambda="auto", optimizer=optimizer, lr=lr).search(
         _cnn(tiny, 8), _small_batches(tiny), log=rows.append)
     trajectory = result.summary["reg_lambda_trajectory"]
-    assert len(trajectory) == 16 and trajectory[0] == 0.0 and max(trajectory) > 1e-4  # the fallback, then moved
+    data = _small_batches(tiny)
+    floor = speed_floor(optimizer, lr, 0.9, "cosine", 16, len(data))
+    assert (floor > 0) == (optimizer == "sgd")  # Adam's step does not scale with lambda: no speed floor
+    assert len(trajectory) == 16 and trajectory[0] == floor  # the first epoch: the floor, before any gradient
+    assert min(trajectory) >= floor and max(trajectory) > max(floor, 1e-4)  # then the equilibrium moves it
     assert [row["reg_lambda"] for row in rows] == trajectory  # metrics.csv's column
     assert result.summary["reg_lambda_mode"] == "auto"
     assert result.ticket.remaining == round(result.ticket.total * 0.05)

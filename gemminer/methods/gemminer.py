@@ -24,9 +24,9 @@ from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.masking import ScoreMask, attach_score_masks, clamp_scores, largest, like_weight, release_score_masks
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
-from gemminer.methods.reg_lambda import TARGET_SHARE, AutoLambda, gem_path, scheduled
+from gemminer.methods.reg_lambda import TARGET_SHARE, AutoLambda, scheduled, speed_floor
 from gemminer.seeding import make_generator
-from gemminer.train import Batch
+from gemminer.train import Batch, known_length
 
 
 @dataclass
@@ -163,12 +163,12 @@ class GemMiner(PruningMethod):
         total = sum(s.numel() for s in scores)
         schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
         final_keep = round(total * self.density)
-        auto = (AutoLambda(scores, [m.alive for m in score_masks], round(TARGET_SHARE * final_keep))
-                if config.reg_lambda == "auto" else None)
+        auto = None
+        if config.reg_lambda == "auto":
+            floor = speed_floor(config.optimizer, config.lr, config.momentum, config.lr_schedule, config.epochs,
+                                known_length(train))
+            auto = AutoLambda(scores, [m.alive for m in score_masks], round(TARGET_SHARE * final_keep), floor)
         optimizer_box: list[torch.optim.Optimizer] = []
-
-        def allowed(epoch: int) -> float:
-            return gem_path(epoch, config.epochs, total, final_keep)
 
         def penalty(epoch: int) -> float:
             """λ in force during 0-based `epoch`."""
@@ -194,7 +194,7 @@ class GemMiner(PruningMethod):
             row.update({"reg_loss": row["reg_lambda"] * squares, "density": alive / total,
                         "density_gem": gem / total, "freeze_event": int(epoch in schedule or "search_exit" in row)})
             if auto is not None:
-                auto.update(gem, allowed(epoch))
+                auto.update()
             following = penalty(epoch + 1)
             for group in optimizer_box[0].param_groups:  # λ enters as weight decay 2λ (below)
                 group["weight_decay"] = 2 * following
