@@ -447,6 +447,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         config, ticket, _, init = load_run(path)
         run = setup(config, init_state=init)
         macs = layer_macs(run.model, run.dataset.input_shape)
+        on_path = run.density_on_path(ticket)
         png = Path(args.png) if args.png else path / "layer_density.png"
     else:
         ticket = Ticket.load(path)
@@ -454,6 +455,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     # first: a chart that cannot be written (or would land on a run's own file) is one line, before the table
     chart = plot_layer_density(ticket, png, inputs=[path])
     print(ticket.layer_report(macs))
+    if path.is_dir():
+        shown = "unknown (the model's graph could not be analysed)" if on_path is None else f"{on_path:.4f}"
+        print(f"density on path: {shown} (fraction of the kept weights on an input-to-output path)")
     print(f"density chart: {chart}")
     return 0
 

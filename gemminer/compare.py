@@ -35,8 +35,8 @@ from gemminer.sanity import CHECKS
 COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
            "acc_before_finetune_at_init", "acc_after_finetune", *[f"sanity_{check}" for check in CHECKS],
            "epochs_to_ticket", "epochs_to_ticket_remaining", "epochs_to_ticket_full", "search_seconds",
-           "finetune_seconds", "remaining", "total", "macs_total",
-           "macs_remaining", "layer_collapse", "run", "gemminer_version", "git_commit", "config_hash"]
+           "finetune_seconds", "remaining", "total", "macs_total", "macs_remaining", "layer_collapse",
+           "density_on_path", "reg_lambda", "run", "gemminer_version", "git_commit", "config_hash"]
 
 
 @dataclass
@@ -452,6 +452,7 @@ def cell_row(cell: Cell) -> dict[str, Any] | None:
         "epochs_to_ticket": summary.get("epochs_to_ticket"), "search_seconds": summary.get("search_seconds"),
         "finetune_seconds": summary.get("finetune_seconds"), "remaining": ticket.remaining, "total": ticket.total,
         "layer_collapse": ";".join(layer.name for layer in ticket.layers() if layer.remaining == 0),
+        "density_on_path": summary.get("density_on_path", ""), "reg_lambda": summary.get("reg_lambda", ""),
         # the code that computed the cell (its summary says; empty for runs made before it did), not this checkout
         "run": str(cell.folder), "gemminer_version": summary.get("gemminer_version", ""),
         "git_commit": summary.get("git_commit", ""),

@@ -24,6 +24,7 @@ from gemminer.data import AUTO_EVAL_BATCH, Batches, Dataset, TensorData, load_da
 from gemminer.errors import GemminerError
 from gemminer.finetune import finetune
 from gemminer.init import init_hash, initialize_weights
+from gemminer.liveness import density_on_path
 from gemminer.masking import prunable_names, remove_masks
 from gemminer.methods import METHODS, method_class
 from gemminer.models import build_model
@@ -74,6 +75,12 @@ class Setup:
         """Accuracy of the untrained weights (or `model`'s) under `ticket`, BatchNorm recalibrated."""
         return masked_accuracy(self.model if model is None else model, ticket.masks, self.test,
                                self.batches("bn-recalibration"), self.config.bn_recalibration_batches)
+
+    def density_on_path(self, ticket: Ticket) -> float | None:
+        """The fraction of `ticket`'s kept weights on an input-to-output path of the model (`liveness`);
+        None, with a warning saying why, where the model's graph cannot be analysed."""
+        example = torch.zeros((1, *self.dataset.input_shape), device=self.device)
+        return density_on_path(self.model, ticket.masks, example)
 
     def model_with(self, state: dict[str, torch.Tensor] | None) -> nn.Module:
         """The initial model, or a copy holding `state` (start weights) where one is given."""
@@ -270,7 +277,8 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         result = method.search(run.model, run.batches("search-order"), run.test, log=folder.log,
                                recalibration=run.batches("bn-recalibration"), checkpoint=checkpoint)
         write_search_files(config, folder, result)
-        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds, "start_point": result.start_point}
+        pipeline["search"] = {"epochs": result.epochs, "seconds": result.seconds, "start_point": result.start_point,
+                              "summary": result.summary}
         pipeline["rows"] = list(result.history)  # the search is the first phase: its rows are all there are
         pipeline.pop("method_state", None)  # its files are written: the method's progress is not needed again
         checkpoint.save(None)  # the search is done: a resume starts at fine-tuning
@@ -280,6 +288,10 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
     collapsed = [layer.name for layer in ticket.layers() if layer.remaining == 0]
     if collapsed and distributed.is_main():
         warnings.warn(f"layer collapse: no weight left in {', '.join(collapsed)}", LayerCollapse, stacklevel=2)
+    on_path = run.density_on_path(ticket)
+    if on_path is not None and on_path < OFF_PATH_WARNING and distributed.is_main():
+        warnings.warn(f"only {100 * on_path:.1f}% of the ticket's weights lie on an input-to-output path "
+                      "(density_on_path); the rest cannot change the output", OffPath, stacklevel=2)
 
     start_model = run.model_with(start)
     acc_before = run.at_init_accuracy(gem, start_model)
@@ -301,9 +313,11 @@ def _mine_phases(config: RunConfig, run: Setup, folder: RunFolder, checkpoint: C
         "weight_init": config.model.weight_init, "recipe": method_cls.recipe,
         "training": {key: value for key, value in to_dict(config.finetune).items()},
         "start_point": start_point, "start_step": start_step_of(ticket),
-        "layer_collapse": collapsed, "device": str(run.device), "processes": distributed.world_size(),
+        "layer_collapse": collapsed, "density_on_path": on_path, "device": str(run.device),
+        "processes": distributed.world_size(),
         "torch": torch.__version__, "gemminer": __version__, **thread_record(config),
         **mac_counts(run.model, ticket.masks, run.dataset.input_shape),
+        **pipeline["search"].get("summary", {}),
     }
     folder.finish(summary)
     return summary
@@ -358,8 +372,16 @@ def start_step_of(ticket: Ticket) -> int:
     return step if isinstance(step, int) else 0
 
 
+# below this on-path density `mine` warns: most of the ticket's weights cannot affect the output
+OFF_PATH_WARNING = 0.5
+
+
 class LayerCollapse(UserWarning):
     """A ticket keeps no weight at all in some layer."""
+
+
+class OffPath(UserWarning):
+    """Most of a ticket's weights lie on no input-to-output path (`OFF_PATH_WARNING`)."""
 
 
 def train_ticket(run: Setup, ticket: Ticket, folder: RunFolder, progress: bool,

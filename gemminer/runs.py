@@ -31,8 +31,11 @@ try:
 except ImportError:  # Windows: no lock, no error
     fcntl = None  # type: ignore[assignment]
 
-METRIC_COLUMNS = ["phase", "epoch", "lr", "train_loss", "reg_loss", "train_acc", "test_acc", "density",
-                  "density_gem", "freeze_event", "seconds"]
+# reg_lambda: Gem-Miner's lambda during the epoch; frozen_gem: weights with score > 0.5 that the epoch's
+# freezing event froze out (none where lambda keeps the gem below the schedule); search_exit: the epoch
+# the search ended early (no score left above 0.5).
+METRIC_COLUMNS = ["phase", "epoch", "lr", "train_loss", "reg_loss", "reg_lambda", "train_acc", "test_acc", "density",
+                  "density_gem", "freeze_event", "frozen_gem", "search_exit", "seconds"]
 
 
 def read_json(path: Path, what: str, remedy: str = "") -> dict[str, Any]:

@@ -110,7 +110,8 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
             variant_summary = variant.summary()
         elif check == "invert" and config.method in INVERTED_SEARCH:
             inverted = resolve({**to_dict(config), "search": {**to_dict(config.search),
-                                                              **INVERTED_SEARCH[config.method]}})
+                                                              **INVERTED_SEARCH[config.method],
+                                                              **replayed_lambda(config, summary)}})
             variant_summary = mine(inverted, out, force=force or stale, progress=progress)
         else:
             weights, variant_ticket = _variant(check, config, ticket, init, start, folder, setup)
@@ -127,6 +128,15 @@ def sanity(run_dir: str | Path, checks: str | list[str] = CHECKS, force: bool = 
                 "checks": {**previous.get("checks", {}), **results}}
     write_atomic(folder.file("sanity.json"), json.dumps(document, indent=2) + "\n")
     return results
+
+
+def replayed_lambda(config: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The search keys that give an inverted Gem-Miner run the normal run's lambda: an ``auto`` run's
+    lambda follows its own gem, and the inverted search's gem is another, so the variant replays the
+    normal run's per-epoch trajectory instead (the same penalty, only the freezing inverted)."""
+    if getattr(config.search, "reg_lambda", None) != "auto" or not summary.get("reg_lambda_trajectory"):
+        return {}
+    return {"reg_lambda_schedule": [float(value) for value in summary["reg_lambda_trajectory"]]}
 
 
 def _stale_inversion(check: str, config: RunConfig, variant: RunFolder) -> bool:

@@ -284,8 +284,8 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
     """The training loop every method and fine-tuning share.
 
     Per epoch: a pass over `batches`, the scheduler step, `end_of_epoch(epoch)` (which
-    may freeze weights and returns extra metric columns), `evaluation()` every
-    `eval_every` epochs and always after the last one, a metrics row to `log`.
+    may freeze weights and returns extra metric columns; a true ``search_exit`` column ends the
+    phase), `evaluation()` every `eval_every` epochs and always after the last one, a metrics row to `log`.
     With a `checkpoint`, `state` (name -> object with state_dict/load_state_dict) is
     saved every `checkpoint.every_epochs` epochs, at freezing events and on SIGINT or
     SIGTERM (after the current step), and restored when the run stopped inside `phase`.
@@ -320,6 +320,8 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
             save(epoch, running)
             raise StopRequested(name or "SIGTERM")
 
+    if history and history[-1].get("search_exit"):
+        first_epoch = epochs  # the run stopped at its search's early exit: nothing is left to train
     with compiled(model, optimizer) if compile else contextlib.nullcontext() as step:
         for epoch in range(first_epoch, epochs):
             lr = float(optimizer.param_groups[0]["lr"])  # a tensor when compiled
@@ -343,6 +345,8 @@ def fit(model: nn.Module, batches: Iterable[Batch], optimizer: torch.optim.Optim
                 if due or row.get("freeze_event"):
                     save(epoch + 1, None)
                 stop_if_requested(epoch + 1, None)
+            if row.get("search_exit"):
+                break  # `end_of_epoch` ended the phase early (Gem-Miner's exit when no score is above 0.5)
     return history
 
 

@@ -51,6 +51,7 @@ class SearchResult:
     tickets: further tickets of the same search by density (IMP's stops), and
     start_states their own start weights where they differ from `start_state`.
     tables: extra CSV files for the run folder by name (IMP's ``rounds.csv``).
+    summary: extra keys for the run's summary.json (Gem-Miner's λ and where its search ended).
     """
 
     ticket: Ticket
@@ -67,6 +68,7 @@ class SearchResult:
     tickets: dict[float, Ticket] = field(default_factory=dict)
     start_states: dict[float, dict[str, Tensor]] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,11 +199,14 @@ class PruningMethod(ABC):
                    optimizer: str, lr: float, momentum: float, weight_decay: float, lr_schedule: str,
                    end_of_epoch: Callable[[int], dict[str, Any]], after_step: Callable[[], None] | None = None,
                    log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
-                   checkpoint: Checkpointer | None = None, test: Iterable[Batch] | None = None
-                   ) -> list[dict[str, Any]]:
+                   checkpoint: Checkpointer | None = None, test: Iterable[Batch] | None = None,
+                   optimizer_out: list[torch.optim.Optimizer] | None = None,
+                   extra_state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Train `scores` (SGD with momentum, or Adam; cosine or constant lr) through the shared loop,
         checkpointed and resumable as the "search" phase; returns the per-epoch rows. The searched
-        network's accuracy on `test` is measured every `eval_every` epochs (`searched_accuracy`)."""
+        network's accuracy on `test` is measured every `eval_every` epochs (`searched_accuracy`).
+        `optimizer_out` receives the optimizer (to change its settings between epochs); `extra_state`
+        adds objects with state_dict/load_state_dict to the checkpoint."""
         if optimizer == "sgd":
             score_optimizer = torch.optim.SGD(scores, lr=lr, momentum=momentum, weight_decay=weight_decay)
         else:
@@ -209,7 +214,9 @@ class PruningMethod(ABC):
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(score_optimizer, epochs)
                      if lr_schedule == "cosine" else None)
         state = {"net": net, "optimizer": score_optimizer, **({"scheduler": scheduler} if scheduler else {}),
-                 **stateful_streams(train=train, recalibration=recalibration)}
+                 **stateful_streams(train=train, recalibration=recalibration), **(extra_state or {})}
+        if optimizer_out is not None:
+            optimizer_out.append(score_optimizer)
         return fit(distributed.wrap(net), train, score_optimizer, scheduler, epochs, phase="search",
                    end_of_epoch=end_of_epoch, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
                    progress=self.progress, evaluation=lambda: self.searched_accuracy(net, test, recalibration),

@@ -9,6 +9,7 @@ round(N * density) alive. With `unflag` the ticket is `alive`.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from gemminer.errors import GemminerError
 from gemminer.init import init_hash
 from gemminer.masking import ScoreMask, attach_score_masks, clamp_scores, largest, like_weight, release_score_masks
 from gemminer.methods.base import MetricsLog, PruningMethod, SearchResult
+from gemminer.methods.reg_lambda import TARGET_SHARE, AutoLambda, scheduled, speed_floor
 from gemminer.seeding import make_generator
-from gemminer.train import Batch
+from gemminer.train import Batch, known_length
 
 
 @dataclass
@@ -34,8 +36,13 @@ class GemMinerConfig:
     epochs: int = field(default=150, metadata={"help": "search epochs E"})
     freeze_period: int = field(default=5, metadata={"help": "T: epochs between freezing events (0: no freezing)",
                                                     "tune": {"low": 1, "high": 10}})
-    reg_lambda: float = field(default=1e-4, metadata={"help": "lambda of the lambda * sum(s^2) score penalty",
-                                                      "tune": {"low": 1e-6, "high": 1e-2, "log": True}})
+    reg_lambda: float | str = field(default=1e-4, metadata={
+        "help": "lambda of the lambda * sum(s^2) score penalty, or auto: set every epoch so that the gem "
+                "settles at or just below the target density, in time (methods/reg_lambda.py)",
+        "tune": {"low": 1e-6, "high": 1e-2, "log": True}})
+    reg_lambda_schedule: list[float] = field(default_factory=list, metadata={
+        "help": "lambda per epoch, replayed in place of reg_lambda (the last value holds to the end); the "
+                "invert sanity check of an auto run replays the normal run's"})
     optimizer: str = field(default="sgd", metadata={"help": "sgd | adam"})
     lr: float = field(default=0.1, metadata={"help": "score learning rate",
                                              "tune": {"low": 1e-2, "high": 3.0, "log": True}})
@@ -45,8 +52,16 @@ class GemMinerConfig:
     unflag: bool = field(default=True, metadata={"help": "ticket = alive flags (paper); off: 1[s>0.5] * alive"})
     freeze: str = field(default="lowest", metadata={
         "help": "lowest (paper) | highest: freeze out the highest scores instead (the inversion sanity check)"})
+    layer_floor: int = field(default=0, metadata={
+        "help": "not the paper's: at every freezing event each layer keeps at least this many weights "
+                "(its highest-scored alive ones); 0 = off"})
 
     def validate(self) -> None:  # numbers alone: `check_ranges`
+        if isinstance(self.reg_lambda, str) and self.reg_lambda != "auto":
+            raise GemminerError(f"search.reg_lambda must be a number >= 0 or auto, got {self.reg_lambda!r}")
+        if self.reg_lambda == "auto" and self.freeze_period <= 0:
+            raise GemminerError("search.reg_lambda auto aims the gem at the freezing schedule's target: it needs "
+                                "freezing events (search.freeze_period > 0); give a number for Gem-Miner(0)")
         if self.freeze_period > 0 and self.epochs < self.freeze_period + 1:
             raise GemminerError(f"freezing every {self.freeze_period} epochs needs at least "
                                 f"{self.freeze_period + 1} search epochs, got {self.epochs}")
@@ -79,10 +94,11 @@ def lowest(values: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> None:
+def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False, layer_floor: int = 0) -> None:
     """Freeze out all but `keep` alive weights, over all layers together: the lowest
     scores go first, ties broken by the global index (layer order, then position).
-    `highest` freezes the highest scores first instead (the inverted sanity check)."""
+    `highest` freezes the highest scores first instead (the inverted sanity check).
+    `layer_floor` (not the paper's) spares each layer's `layer_floor` best alive weights."""
     scores = torch.cat([m.scores.detach().flatten() for m in masks])
     if highest:
         scores = -scores
@@ -90,6 +106,18 @@ def freeze_lowest(masks: list[ScoreMask], keep: int, highest: bool = False) -> N
     if keep > int(alive.sum()):
         raise GemminerError("freezing cannot bring weights back")  # schedules only shrink
     key = scores.masked_fill(~alive, float("-inf"))  # already frozen weights go first
+    if layer_floor > 0:
+        spared, offset = [], 0
+        for mask in masks:
+            layer = key[offset:offset + mask.alive.numel()]
+            alive_here = int(torch.isfinite(layer).sum())
+            spared.append(offset + torch.nonzero(largest(layer.cpu(), min(layer_floor, alive_here))).flatten())
+            offset += mask.alive.numel()
+        spared_index = torch.cat(spared).to(key.device)
+        if spared_index.numel() > keep:
+            raise GemminerError(f"search.layer_floor {layer_floor} keeps {spared_index.numel()} weights, more than "
+                                f"the {keep} a freezing event leaves: lower the floor")
+        key[spared_index] = float("inf")
     # on the CPU: CUDA's kthvalue is refused under deterministic algorithms in older torch releases
     new_alive = (~lowest(key.cpu(), key.numel() - keep)).to(alive.device)
     distributed.broadcast(new_alive, source=0)  # rank 0 decides; every rank applies the same mask
@@ -137,32 +165,82 @@ class GemMiner(PruningMethod):
         scores = [mask.scores for mask in score_masks]
         total = sum(s.numel() for s in scores)
         schedule = freeze_schedule(total, self.density, config.epochs, config.freeze_period)
+        final_keep = round(total * self.density)
+        auto = None
+        if config.reg_lambda == "auto":
+            floor = speed_floor(config.optimizer, config.lr, config.momentum, config.lr_schedule, config.epochs,
+                                known_length(train))
+            auto = AutoLambda(scores, [m.alive for m in score_masks], round(TARGET_SHARE * final_keep), floor)
+        optimizer_box: list[torch.optim.Optimizer] = []
+
+        def penalty(epoch: int) -> float:
+            """λ in force during 0-based `epoch`."""
+            if config.reg_lambda_schedule:
+                return scheduled(config.reg_lambda_schedule, epoch)
+            return auto.value if auto is not None else float(config.reg_lambda)
 
         def end_of_epoch(epoch: int) -> dict[str, Any]:
+            row: dict[str, Any] = {"reg_lambda": penalty(epoch)}
             if epoch in schedule:
-                freeze_lowest(score_masks, schedule[epoch], highest=config.freeze == "highest")
+                gem_before = score_statistics(score_masks)[1]
+                freeze_lowest(score_masks, schedule[epoch], highest=config.freeze == "highest",
+                              layer_floor=config.layer_floor)
+                row["frozen_gem"] = gem_before - score_statistics(score_masks)[1]
             alive, gem, squares = score_statistics(score_masks)
-            return {"reg_loss": config.reg_lambda * squares, "density": alive / total, "density_gem": gem / total,
-                    "freeze_event": int(epoch in schedule)}
+            if gem == 0 and alive > final_keep and epoch + 1 < config.epochs:
+                # the official exit: no score is above 0.5 any more, so later epochs cannot grow a gem;
+                # prune to the target by score now and end the search
+                freeze_lowest(score_masks, final_keep, highest=config.freeze == "highest",
+                              layer_floor=config.layer_floor)
+                alive, gem, squares = score_statistics(score_masks)
+                row["search_exit"] = 1
+            row.update({"reg_loss": row["reg_lambda"] * squares, "density": alive / total,
+                        "density_gem": gem / total, "freeze_event": int(epoch in schedule or "search_exit" in row)})
+            if auto is not None:
+                auto.update()
+            following = penalty(epoch + 1)
+            for group in optimizer_box[0].param_groups:  # λ enters as weight decay 2λ (below)
+                group["weight_decay"] = 2 * following
+            return row
 
         setup_seconds = time.perf_counter() - start
         # lambda * sum(s^2) enters as weight decay 2 * lambda: the same gradient for SGD and Adam
         # (both add decay * s to the gradient), without an extra pass over every score per step.
+
+        def after_step() -> None:
+            clamp_scores(score_masks)
+            if auto is not None:
+                auto.accumulate()
+
         history = self.fit_scores(net, scores, train, epochs=config.epochs, optimizer=config.optimizer, lr=config.lr,
-                                  momentum=config.momentum, weight_decay=2 * config.reg_lambda,
+                                  momentum=config.momentum, weight_decay=2 * penalty(0),
                                   lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch,
-                                  after_step=lambda: clamp_scores(score_masks),
-                                  log=log, recalibration=recalibration, checkpoint=checkpoint, test=test)
+                                  after_step=after_step, log=log, recalibration=recalibration,
+                                  checkpoint=checkpoint, test=test, optimizer_out=optimizer_box,
+                                  extra_state={"reg_lambda": auto} if auto is not None else None)
         release_score_masks(score_masks)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
         pairs = list(zip(names, score_masks, strict=True))
         alive_masks = {name: m.alive.bool() for name, m in pairs}
         gem_masks = {name: (m.scores.detach() > 0.5) & m.alive.bool() for name, m in pairs}
+        trajectory = [row["reg_lambda"] for row in history]
+        # one number for an auto or replayed lambda: the median over the epochs (its trajectory is in summary.json)
+        representative = float(statistics.median(trajectory)) if trajectory else penalty(0)
         extra = {"init_hash": init_hash(model), "search_epochs": config.epochs, "freeze_period": config.freeze_period,
-                 "reg_lambda": config.reg_lambda}
+                 "reg_lambda": representative, "reg_lambda_mode": self.lambda_mode()}
+        exit_epoch = next((row["epoch"] for row in history if row.get("search_exit")), None)
+        summary = {"reg_lambda": extra["reg_lambda"], "reg_lambda_mode": self.lambda_mode(),
+                   "reg_lambda_trajectory": trajectory, "search_exit_epoch": exit_epoch,
+                   "frozen_gem": sum(row.get("frozen_gem", 0) for row in history)}
         gem = self.make_ticket(model, gem_masks, mask="gem", **extra)
         # Without freezing every weight stays alive: the found mask is 1[s > 0.5] (Gem-Miner(0)).
         use_alive = config.unflag and config.freeze_period > 0
         ticket = self.make_ticket(model, alive_masks if use_alive else gem_masks, mask="ticket", **extra)
-        return SearchResult(ticket=ticket, gem=gem, epochs=config.epochs, seconds=seconds, history=history,
-                            network=net)
+        return SearchResult(ticket=ticket, gem=gem, epochs=len(history), seconds=seconds, history=history,
+                            network=net, summary=summary)
+
+    def lambda_mode(self) -> str:
+        """How λ was set: "fixed", "auto" or "schedule" (replayed)."""
+        if self.config.reg_lambda_schedule:
+            return "schedule"
+        return "auto" if self.config.reg_lambda == "auto" else "fixed"
