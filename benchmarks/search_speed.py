@@ -156,7 +156,8 @@ def main() -> None:
             **({"limit": args.data_limit} if args.data_limit else {})}
     config = resolve({"data": data, "model": {"name": args.model, "width": args.width},
                       "device": args.device, "density": 0.02, "compile": args.compile,
-                      "search": {"epochs": epochs, "freeze_period": args.freeze_period}})
+                      # a fixed lambda: the recorded ratios were measured with one, and --compile refuses auto
+                      "search": {"epochs": epochs, "freeze_period": args.freeze_period, "reg_lambda": 3e-4}})
     run = setup(config)
     if args.profile:
         profile({

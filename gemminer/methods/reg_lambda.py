@@ -21,7 +21,8 @@ target: the last freezing events then cut into it, or the gem empties). `AutoLam
 search itself: it averages each score's task gradient over the steps of an epoch (``p.grad`` after the
 optimizer step holds the task gradient alone, as λ enters through the optimizer's weight decay), smooths
 the epoch means exponentially, and sets the next epoch's λ to max(equilibrium λ for k = `TARGET_SHARE`
-* target * N, speed floor). No separate calibration runs: every epoch is a search epoch, counted in the
+* target * N, speed floor), rising by at most `MAX_RISE` per epoch: early in the search the k-th largest
+of noisy means reads high (at 0.1% density an unlimited first estimate emptied the gem). No separate calibration runs: every epoch is a search epoch, counted in the
 cost. The first epoch, before any gradient was seen, runs at the speed floor (the fallback). It works on
 any model and density without a table of published values.
 """
@@ -39,6 +40,8 @@ from torch import Tensor
 TARGET_SHARE = 0.9
 # The share of the search within which the speed floor lets a score fall from 1 to 0.5 (`speed_floor`).
 REACH = 0.5
+# The most λ may grow from one epoch to the next (a fall is not limited).
+MAX_RISE = 1.5
 # Weight of the newest epoch's mean gradient in the running average: a score integrates its gradient
 # over many epochs, a single epoch's mean is noisy, and the mask (hence the gradients) keeps changing.
 NEWEST_EPOCH_WEIGHT = 0.5
@@ -74,7 +77,9 @@ class AutoLambda:
         """λ for the next epoch: max(equilibrium λ from the epoch's gradients, speed floor)."""
         if self.steps:
             self.equilibrium = self._equilibrium()
-        self.value = max(self.equilibrium, self.floor)
+        wanted = max(self.equilibrium, self.floor)
+        # the first epochs' means are noisy, and the top of a noisy ranking reads high: rise gradually
+        self.value = min(wanted, MAX_RISE * self.value) if self.value > 0 else wanted
         return self.value
 
     def _equilibrium(self) -> float:
