@@ -190,13 +190,7 @@ def load_model(path: str | os.PathLike, sparse: bool = True) -> nn.Module:
     spec = metadata.get("model_spec")
     if not isinstance(spec, dict):
         raise GemminerError(f"{path} names no registered model (no model_spec): load its state with load_sparse")
-    model = build_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
-                        affine_bn=spec.get("affine_bn", False), bias=spec.get("bias", False), width=spec.get("width"))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise GemminerError(f"{path} does not fit model {spec['name']}: {str(err).splitlines()[0]}") from err
-    model.eval()
+    model = load_model_state(state, spec, f"the weights in {path}")
     return sparse_linear(model) if sparse else model
 
 
@@ -205,14 +199,14 @@ def export_filename(weights: str, export_format: str) -> str:
     return f"export-{weights}-{export_format}{EXPORT_SUFFIX.get(export_format, '.safetensors')}"
 
 
-def load_model_state(state: dict[str, Tensor], spec: dict[str, Any]) -> nn.Module:
-    """The registered model of `spec` holding `state`, in eval mode."""
+def load_model_state(state: dict[str, Tensor], spec: dict[str, Any], source: str = "the weights") -> nn.Module:
+    """The registered model of `spec` holding `state` (`source` names them in an error), in eval mode."""
     model = build_model(spec["name"], tuple(spec["input_shape"]), spec["num_classes"],
                         affine_bn=spec.get("affine_bn", False), bias=spec.get("bias", False), width=spec.get("width"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise GemminerError(f"the weights do not fit model {spec['name']}: {str(err).splitlines()[0]}") from err
+        raise GemminerError(f"{source} do not fit model {spec['name']}: {str(err).splitlines()[0]}") from err
     return model.eval()
 
 

@@ -16,7 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 API_DOC = DOCS / "api.md"
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = sorted(DOCS.rglob("*.md"))  # pages in sub-folders (results/) too
 README_LIMIT = 15_000  # bytes: an overview, the manual is docs/
 
 
@@ -101,7 +101,7 @@ def nav_pages(nav) -> list[str]:
 def test_every_page_is_in_the_navigation_and_every_entry_is_a_page():
     config = mkdocs_config()
     listed = nav_pages(config["nav"])
-    assert sorted(listed) == sorted(page.name for page in PAGES)
+    assert sorted(listed) == sorted(page.relative_to(DOCS).as_posix() for page in PAGES)
     assert len(listed) == len(set(listed))
     assert config["validation"]["nav"]["omitted_files"] == "warn"  # `--strict` turns warnings into errors
 
