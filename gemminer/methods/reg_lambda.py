@@ -22,9 +22,10 @@ search itself: it averages each score's task gradient over the steps of an epoch
 optimizer step holds the task gradient alone, as λ enters through the optimizer's weight decay), smooths
 the epoch means exponentially, and sets the next epoch's λ to max(equilibrium λ for k = `TARGET_SHARE`
 * target * N, speed floor), rising by at most `MAX_RISE` per epoch: early in the search the k-th largest
-of noisy means reads high (at 0.1% density an unlimited first estimate emptied the gem). No separate calibration runs: every epoch is a search epoch, counted in the
-cost. The first epoch, before any gradient was seen, runs at the speed floor (the fallback). It works on
-any model and density without a table of published values.
+of noisy means reads high (at 0.1% density an unlimited first estimate emptied the gem). No separate
+calibration runs: every epoch is a search epoch, counted in the cost. The first epoch, before any
+gradient was seen, runs at the speed floor (the fallback). It works on any model and density without a
+table of published values.
 """
 
 from __future__ import annotations
