@@ -1,8 +1,7 @@
 """Gem-Miner's `reg_lambda: auto` against a sweep of fixed lambdas, judged on the validation split.
 
-    for seed in 0 1 2; do OMP_NUM_THREADS=1 gemminer compare --grid benchmarks/grids/reg-lambda-sweep.yaml \
-        --seeds $seed --jobs 2 --out runs/reg-lambda/s$seed; done
-    python benchmarks/reg_lambda_sweep.py runs/reg-lambda/s*
+    OMP_NUM_THREADS=1 gemminer compare --grid benchmarks/grids/reg-lambda-sweep.yaml --jobs 2 --out runs/reg-lambda
+    python benchmarks/reg_lambda_sweep.py runs/reg-lambda
 
 Reads the grid's finished cells (``<variant>-d<density>-s<seed>``; cells still missing are left out and
 counted) and prints, per density: every variant's accuracy after training on the validation split

@@ -176,10 +176,10 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", help="folder for the runs and results (default %(default)s)")
     compare.add_argument("--grid", metavar="FILE", help="grid file: base settings, named variants, densities, seeds, "
                                                         "sanity checks (docs/compare.md); replaces the next four flags")
-    compare.add_argument("--methods", default="gemminer,random",
-                         help="comma-separated methods, one variant each (default %(default)s)")
-    compare.add_argument("--densities", default="0.02", help="comma-separated densities")
-    compare.add_argument("--seeds", default="0", help="comma-separated seeds")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated methods, one variant each (default gemminer,random)")
+    compare.add_argument("--densities", default=None, help="comma-separated densities (default 0.02)")
+    compare.add_argument("--seeds", default=None, help="comma-separated seeds (default 0)")
     compare.add_argument("--sanity", default="shuffle",
                          help="sanity checks of the --sanity-variants (default %(default)s; 'none' for none)")
     compare.add_argument("--sanity-variants", default="gemminer", help="variants the checks run on (default gemminer)")
@@ -362,8 +362,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise GemminerError(f"--jobs must be >= 1, got {args.jobs}")
     if args.grid:
-        given = [flag for flag, default in (("--methods", "gemminer,random"), ("--densities", "0.02"),
-                                             ("--seeds", "0")) if getattr(args, flag[2:]) != default]
+        # given at all, even at its default value: a grid file's own seeds and densities are not overridden
+        given = [flag for flag in ("--methods", "--densities", "--seeds") if getattr(args, flag[2:]) is not None]
         if given:
             raise GemminerError(f"--grid FILE sets variants, densities and seeds; drop {', '.join(given)}")
         grid = load_grid(args.grid)
@@ -378,13 +378,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         grid.dense = grid.dense and not args.no_dense
         grid.validate()
     else:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in (args.methods or "gemminer,random").split(",") if m.strip()]
         dense = not args.no_dense
         if "dense" in methods:
             methods.remove("dense")
             dense = True
-        densities = [_number(d, "density", float) for d in args.densities.split(",")]
-        seeds = [_number(s, "seed", int) for s in args.seeds.split(",")]
+        densities = [_number(d, "density", float) for d in (args.densities or "0.02").split(",")]
+        seeds = [_number(s, "seed", int) for s in (args.seeds or "0").split(",")]
         checks = [] if args.sanity.strip() in ("", "none") else [c.strip() for c in args.sanity.split(",")]
         grid = grid_from_flags(_overrides(args), methods, densities, seeds, dense=dense,
                                same_training=args.same_training, sanity=checks,

@@ -123,6 +123,9 @@ def test_simple_flags_make_a_grid(tmp_path, data_dir, capsys):
     assert table[0]["sanity_shuffle"] != "" and table[1]["sanity_shuffle"] == ""  # the main job's shuffle
     assert main(["compare", "--grid", "x.yaml", "--methods", "snip", "--out", str(out)]) == 2
     assert "drop --methods" in capsys.readouterr().err
+    # a flag at its default value is still given: not silently replaced by the grid's seeds
+    assert main(["compare", "--grid", "x.yaml", "--seeds", "0", "--out", str(out)]) == 2
+    assert "drop --seeds" in capsys.readouterr().err
     grid_file = write_grid(tmp_path, data_dir, {"gemminer": GEM})
     assert main(["compare", "--grid", str(grid_file), "--search-lr", "0.1", "--out", str(out)]) == 2
     assert "go in its variant" in capsys.readouterr().err
