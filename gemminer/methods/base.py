@@ -196,29 +196,37 @@ class PruningMethod(ABC):
         return net
 
     def fit_scores(self, net: nn.Module, scores: list[Tensor], train: Iterable[Batch], *, epochs: int,
-                   optimizer: str, lr: float, momentum: float, weight_decay: float, lr_schedule: str,
+                   optimizer: str, lr: float, momentum: float, weight_decay: float | Callable[[int], float],
+                   lr_schedule: str,
                    end_of_epoch: Callable[[int], dict[str, Any]], after_step: Callable[[], None] | None = None,
                    log: MetricsLog | None = None, recalibration: Iterable[Batch] | None = None,
                    checkpoint: Checkpointer | None = None, test: Iterable[Batch] | None = None,
-                   optimizer_out: list[torch.optim.Optimizer] | None = None,
                    extra_state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Train `scores` (SGD with momentum, or Adam; cosine or constant lr) through the shared loop,
         checkpointed and resumable as the "search" phase; returns the per-epoch rows. The searched
         network's accuracy on `test` is measured every `eval_every` epochs (`searched_accuracy`).
-        `optimizer_out` receives the optimizer (to change its settings between epochs); `extra_state`
-        adds objects with state_dict/load_state_dict to the checkpoint."""
+        `weight_decay` may be a function of the 0-based epoch, read again after each `end_of_epoch` (a
+        penalty that changes between epochs); `extra_state` adds objects with state_dict/load_state_dict to
+        the checkpoint."""
+        decay = weight_decay if callable(weight_decay) else lambda epoch: weight_decay
         if optimizer == "sgd":
-            score_optimizer = torch.optim.SGD(scores, lr=lr, momentum=momentum, weight_decay=weight_decay)
+            score_optimizer = torch.optim.SGD(scores, lr=lr, momentum=momentum, weight_decay=decay(0))
         else:
-            score_optimizer = torch.optim.Adam(scores, lr=lr, weight_decay=weight_decay)
+            score_optimizer = torch.optim.Adam(scores, lr=lr, weight_decay=decay(0))
+
+        def end_of_epoch_then_decay(epoch: int) -> dict[str, Any]:
+            row = end_of_epoch(epoch)
+            for group in score_optimizer.param_groups:
+                group["weight_decay"] = decay(epoch + 1)
+            return row
+
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(score_optimizer, epochs)
                      if lr_schedule == "cosine" else None)
         state = {"net": net, "optimizer": score_optimizer, **({"scheduler": scheduler} if scheduler else {}),
                  **stateful_streams(train=train, recalibration=recalibration), **(extra_state or {})}
-        if optimizer_out is not None:
-            optimizer_out.append(score_optimizer)
         return fit(distributed.wrap(net), train, score_optimizer, scheduler, epochs, phase="search",
-                   end_of_epoch=end_of_epoch, after_step=after_step, log=log, checkpoint=checkpoint, state=state,
+                   end_of_epoch=end_of_epoch_then_decay if callable(weight_decay) else end_of_epoch,
+                   after_step=after_step, log=log, checkpoint=checkpoint, state=state,
                    progress=self.progress, evaluation=lambda: self.searched_accuracy(net, test, recalibration),
                    eval_every=self.eval_every, compile=self.compile)
 

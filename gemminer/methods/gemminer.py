@@ -171,7 +171,6 @@ class GemMiner(PruningMethod):
             floor = speed_floor(config.optimizer, config.lr, config.momentum, config.lr_schedule, config.epochs,
                                 known_length(train))
             auto = AutoLambda(scores, [m.alive for m in score_masks], round(TARGET_SHARE * final_keep), floor)
-        optimizer_box: list[torch.optim.Optimizer] = []
 
         def penalty(epoch: int) -> float:
             """λ in force during 0-based `epoch`."""
@@ -185,8 +184,9 @@ class GemMiner(PruningMethod):
                 gem_before = score_statistics(score_masks)[1]
                 freeze_lowest(score_masks, schedule[epoch], highest=config.freeze == "highest",
                               layer_floor=config.layer_floor)
-                row["frozen_gem"] = gem_before - score_statistics(score_masks)[1]
             alive, gem, squares = score_statistics(score_masks)
+            if epoch in schedule:
+                row["frozen_gem"] = gem_before - gem
             if gem == 0 and alive > final_keep and epoch + 1 < config.epochs:
                 # the official exit: no score is above 0.5 any more, so later epochs cannot grow a gem;
                 # prune to the target by score now and end the search
@@ -197,10 +197,7 @@ class GemMiner(PruningMethod):
             row.update({"reg_loss": row["reg_lambda"] * squares, "density": alive / total,
                         "density_gem": gem / total, "freeze_event": int(epoch in schedule or "search_exit" in row)})
             if auto is not None:
-                auto.update()
-            following = penalty(epoch + 1)
-            for group in optimizer_box[0].param_groups:  # λ enters as weight decay 2λ (below)
-                group["weight_decay"] = 2 * following
+                auto.update()  # the next epoch's λ: `fit_scores` reads it through `penalty` after this
             return row
 
         setup_seconds = time.perf_counter() - start
@@ -213,10 +210,10 @@ class GemMiner(PruningMethod):
                 auto.accumulate()
 
         history = self.fit_scores(net, scores, train, epochs=config.epochs, optimizer=config.optimizer, lr=config.lr,
-                                  momentum=config.momentum, weight_decay=2 * penalty(0),
+                                  momentum=config.momentum, weight_decay=lambda epoch: 2 * penalty(epoch),
                                   lr_schedule=config.lr_schedule, end_of_epoch=end_of_epoch,
                                   after_step=after_step, log=log, recalibration=recalibration,
-                                  checkpoint=checkpoint, test=test, optimizer_out=optimizer_box,
+                                  checkpoint=checkpoint, test=test,
                                   extra_state={"reg_lambda": auto} if auto is not None else None)
         release_score_masks(score_masks)
         seconds = setup_seconds + (history[-1]["seconds"] if history else 0.0)
