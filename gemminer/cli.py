@@ -185,8 +185,8 @@ def build_parser(method: str = "gemminer") -> argparse.ArgumentParser:
     compare.add_argument("--sanity-variants", default="gemminer", help="variants the checks run on (default gemminer)")
     compare.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     compare.add_argument("--same-training", action="store_true",
-                         help="train every variant's ticket with one recipe (the Gem-Miner paper's fine-tuning, with "
-                              "any --finetune-* flags): the comparison that isolates the mask")
+                         help="train every variant's ticket with one recipe (the dense training recipe, chosen on a "
+                              "validation split, with any --finetune-* flags): the comparison that isolates the mask")
     compare.add_argument("--jobs", type=int, default=1,
                          help="cells run at once in separate processes (default 1), each with its share of the CPU "
                               "threads (cores / jobs): the same tickets as a serial grid, but fine-tuned weights can "

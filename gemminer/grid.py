@@ -6,7 +6,7 @@ A grid file (YAML) holds::
     densities: [0.1, 0.02]
     seeds: [0, 1, 2]
     dense: true                               # one dense reference per seed
-    same_training: false                      # true: every variant trains with one recipe
+    same_training: false                      # true: every variant trains with the dense recipe
     variants:
       gemminer: {method: gemminer, sanity: [shuffle, reinit],
                  by_density: {0.0372: {search: {reg_lambda: 3.0e-5}}}}   # settings of one density
@@ -115,12 +115,15 @@ class Grid:
 
     def training(self, variant: Variant) -> dict[str, Any]:
         """Fine-tuning settings forced on a variant: Gem-Miner's epochs for every method (all tickets
-        train equally long); with `same_training`, the whole recipe of the base config under Gem-Miner."""
+        train equally long); with `same_training`, the whole recipe of the base config's dense training
+        (with those epochs). The dense recipe is the one recipe chosen on a validation split independently
+        of every pruning method; Gem-Miner's own (the paper's CIFAR lr 0.01) would favour one method."""
         reference = resolve(merge(merge(self.base, {"method": "gemminer"}),
                                   {"search": self._gemminer_search()}))
         forced: dict[str, Any] = {"epochs": reference.finetune.epochs}
         if self.same_training:  # for IMP this recipe trains its rounds too: one recipe for every training
-            forced = to_dict(reference.finetune)
+            dense = resolve(merge(self.base, {"method": "dense"}))
+            forced = {**to_dict(dense.finetune), "epochs": reference.finetune.epochs}
         variant_epochs = _mapping(variant.overrides.get("finetune"), f"variant {variant.name}: finetune").get("epochs")
         if variant.method == "imp":  # its ticket trains as its last round: as long as each round
             variant_epochs = resolve(merge(merge(self.base, variant.overrides),

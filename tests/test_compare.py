@@ -14,6 +14,7 @@ import yaml
 
 from gemminer.cli import main
 from gemminer.compare import compare
+from gemminer.config import merge, resolve
 from gemminer.errors import GemminerError
 from gemminer.grid import load_grid
 
@@ -134,8 +135,13 @@ def test_simple_flags_make_a_grid(tmp_path, data_dir, capsys):
 def test_same_training_forces_one_recipe(tmp_path, data_dir):
     grid = load_grid(write_grid(tmp_path, data_dir, {"gemminer": GEM, "snip": {"method": "snip"}},
                                 same_training=True))
-    lrs = {variant.name: grid.cell_overrides(variant, 0.1, 0)["finetune"]["lr"] for variant in grid.variants}
-    assert lrs == {"gemminer": 0.01, "snip": 0.01}
+    recipes = {variant.name: grid.cell_overrides(variant, 0.1, 0)["finetune"] for variant in grid.variants}
+    dense = resolve(merge(grid.base, {"method": "dense"})).finetune  # the recipe chosen for dense training
+    for recipe in recipes.values():  # every ticket: the dense recipe, for Gem-Miner's search epochs
+        assert (recipe["lr"], recipe["weight_decay"], recipe["lr_schedule"]) == \
+            (dense.lr, dense.weight_decay, dense.lr_schedule)
+        assert recipe["epochs"] == resolve(merge(grid.base, {"method": "gemminer"})).finetune.epochs
+    assert dense.lr != resolve(merge(grid.base, {"method": "gemminer"})).finetune.lr  # not Gem-Miner's own recipe
     grid.same_training = False
     assert grid.cell_overrides(grid.variants[1], 0.1, 0)["finetune"].get("lr") is None  # snip's own recipe
 
