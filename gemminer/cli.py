@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import typing
 import warnings
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # CPU steps without page-faulting their activations in again (gemminer.allocator)
     try:
         args = build_parser(_pre_method(argv)).parse_args(argv)
+        args.argv = argv  # for the provenance line of compare's tables
         return COMMANDS[args.command](args)
     except GemminerError as err:
         print(f"gemminer: error: {err}", file=sys.stderr)
@@ -391,7 +393,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                sanity_variants=[v.strip() for v in args.sanity_variants.split(",")])
     report = print if distributed.is_main() and not args.quiet else None
     table = compare(grid, args.out, jobs=args.jobs, ray_address=args.ray, force=args.force,
-                    progress=not args.quiet, report=report)
+                    progress=not args.quiet, report=report, command=shlex.join(["gemminer", *args.argv]))
     if distributed.is_main():
         print(table)
         print(f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'plots'}")

@@ -19,6 +19,7 @@ import os
 import signal
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from gemminer.checkpoint import StopFlag, StopRequested
 from gemminer.config import load_run_config, resolve, result_config, to_dict
 from gemminer.errors import GemminerError, reading
 from gemminer.grid import Grid, Variant
-from gemminer.runs import RunFolder, output_folder, read_json, write_atomic
+from gemminer.runs import RunFolder, code_commit, machine_description, output_folder, read_json, write_atomic
 from gemminer.sanity import CHECKS
 
 COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
@@ -362,9 +363,23 @@ class _RayRunner:
         pass
 
 
+def provenance(command: str | None, machine: str, seconds: float, tasks: int) -> str:
+    """The line under a grid's tables: command, version and commit, date, machine, wall clock."""
+    from gemminer import __version__
+
+    commit = code_commit()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (f"Made by `{command or 'gemminer.compare.compare(...)'}`: gemminer {__version__}"
+            f"{f' at commit {commit}' if commit else ''}, {when}, on {machine}. This call took "
+            f"{seconds / 60:.1f} min of wall clock for the grid's {tasks} tasks (finished ones are reused).")
+
+
 def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None = None, force: bool = False,
-            progress: bool = True, report: Callable[[str], None] | None = print) -> str:
-    """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md."""
+            progress: bool = True, report: Callable[[str], None] | None = print, command: str | None = None) -> str:
+    """Run `grid` into `out`; write results.csv, results.md and plots/ there; return results.md. The
+    tables end with where they came from: `command`, the code's version and commit, the date, the
+    machine, and the wall clock of this call (cells finished by an earlier call are reused, not rerun)."""
+    started, machine = time.time(), machine_description()
     out = output_folder(out, "grid output folder")
     cells, tasks = plan(grid, out)
     check_folders(tasks, force)  # a refused grid writes nothing, not even empty tables
@@ -382,6 +397,7 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
     rows = [row for cell in cells if str(cell.folder) not in failed and (row := cell_row(cell)) is not None]
     write_csv(rows, out / "results.csv")
     text = results_markdown(rows, grid)
+    text += "\n\n" + provenance(command, machine, time.time() - started, len(tasks))
     write_atomic(out / "results.md", text + "\n")
     from gemminer.plots import plot_grid
 

@@ -419,6 +419,30 @@ def code_commit() -> str:
         return ""
 
 
+def machine_description() -> str:
+    """The hardware and software a result came from, in one line: CPU model and cores, the load average
+    when asked (a shared machine slows wall clocks), torch, and the CUDA device where there is one."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores"]
+    if hasattr(os, "getloadavg"):
+        parts.append(f"load average {os.getloadavg()[0]:.1f}")
+    parts.append(f"torch {torch.__version__}, Python {platform.python_version()}")
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return "; ".join(parts)
+
+
 def later_files(folder: Path) -> list[Path]:
     """The default files that commands run on a finished run write into `folder`: `export`'s
     (``export-<weights>-<format>.<suffix>`` and an MNN file's ``.json`` beside it, whose names

@@ -58,6 +58,9 @@ def test_tiny_grid_end_to_end(tmp_path, data_dir):
     assert len(first.splitlines()) == 2 + 5  # header, rule, one line per variant and density
     assert "| gemminer | 0.2 | shuffle |" in text and "| snip | 0.1 | 1 |" in text  # sanity and paired tables
     assert (out / "results.md").read_text().strip() == text.strip()
+    made = text.strip().splitlines()[-1]  # where the tables came from: code, date, machine, wall clock
+    assert made.startswith("Made by `gemminer.compare.compare(...)`: gemminer ") and " cores" in made
+    assert "min of wall clock for the grid's 7 tasks" in made  # 5 cells and 2 shuffle checks
     for name in ("accuracy_after.png", "accuracy_before.png", "sanity_drops.png", "layer_density.png"):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
