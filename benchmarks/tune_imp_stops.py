@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * (len(params) + 4))
     for row in table:
         values = " | ".join(f"{float(row[key]):.3g}" for key in params)
-        at_study = f"{100 * float(row['value']):.1f}" if row["value"] else "-"
+        at_study = f"{100 * float(row['value']):.1f}" if row["state"] == "complete" else "-"
         at_stop = f"{100 * row['stop_value']:.1f}" if row["stop_value"] is not None else "-"
         print(f"| {row['number']} | {row['state']} | {values} | {at_study} | {at_stop} |")
     print(f"\nbest at {args.density:g}: trial {best['number']} ({100 * best['stop_value']:.1f}%); written "
