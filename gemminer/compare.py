@@ -363,6 +363,28 @@ class _RayRunner:
         pass
 
 
+# Two-sided 5% critical values of Student's t by degrees of freedom (a paired test of n seeds has n - 1);
+# a df between two listed ones uses the lower (larger, so stricter) value.
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+              10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def paired_verdict(differences: list[float], reference: str) -> str:
+    """'beats REF', 'below REF' or 'level with REF' from per-seed differences (variant minus REF): a
+    difference counts only where a two-sided paired t-test at 5% rejects "no difference"; a single pair
+    cannot be tested."""
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return ("ahead of " if mean > 0 else "behind " if mean < 0 else "level with ") + reference + \
+            " (one seed: untested)"
+    spread = statistics.stdev(differences)
+    df = len(differences) - 1
+    critical = T_CRITICAL[max(k for k in T_CRITICAL if k <= df)]
+    if (spread == 0 and mean != 0) or (spread > 0 and abs(mean) / (spread / len(differences) ** 0.5) > critical):
+        return ("beats " if mean > 0 else "below ") + reference
+    return "level with " + reference
+
+
 def provenance(command: str | None, machine: str, seconds: float, tasks: int) -> str:
     """The line under a grid's tables: command, version and commit, date, machine, wall clock."""
     from gemminer import __version__
@@ -604,12 +626,13 @@ def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, refer
         differences = [row["acc_after_finetune"] - reference_rows[(density, row["seed"])]["acc_after_finetune"]
                        for row in group if (density, row["seed"]) in reference_rows]
         if differences:
-            verdict = ("beats " + reference) if statistics.fmean(differences) > 0 else ("below " + reference)
+            verdict = paired_verdict(differences, reference)
             paired.append(f"| {variant} | {density:g} | {len(differences)} | {_mean_std(differences, 100)} "
                           f"| {verdict} |")
     if paired:
         lines += ["", f"Paired by seed: accuracy after training minus {reference}'s (points, mean ± std of the "
-                  "per-seed differences).", "", f"| variant | density | pairs | minus {reference} | |",
+                  "per-seed differences; 'beats' or 'below' where a two-sided paired t-test at 5% says so, "
+                  "'level' where the seeds cannot tell).", "", f"| variant | density | pairs | minus {reference} | |",
                   "|---|---|---|---|---|", *paired]
     return "\n".join(lines)
 

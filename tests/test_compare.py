@@ -257,3 +257,16 @@ def test_imp_rounds_tables_without_the_kept_column_still_give_a_stop_its_cost(tm
                                          "1,1,0.800002,0.9,30,26\n2,0.800002,0.640001,0.9,60,52\n")
     assert _rounds_row(tmp_path, 59351, 92736)["round"] == "2"  # round(92736 x 0.640001) kept weights
     assert _rounds_row(tmp_path, 5, 92736) is None
+
+
+def test_paired_verdict_needs_the_seeds_to_agree():
+    from gemminer.compare import paired_verdict
+
+    assert paired_verdict([0.020, 0.021, 0.019], "gemminer") == "beats gemminer"
+    assert paired_verdict([-0.030, -0.031, -0.029], "gemminer") == "below gemminer"
+    assert paired_verdict([-0.05, 0.03, 0.005], "gemminer") == "level with gemminer"  # the seeds disagree
+    # 3 seeds: the mean must exceed 4.303 / sqrt(3) = 2.484 standard deviations of the differences
+    assert paired_verdict([0.01, 0.02, 0.03], "g") == "level with g"  # mean / std = 2.0
+    assert paired_verdict([0.02, 0.03, 0.04], "g") == "beats g"  # mean / std = 3.0
+    assert paired_verdict([0.005, 0.005, 0.005], "g") == "beats g"  # no spread at all
+    assert paired_verdict([0.01], "g") == "ahead of g (one seed: untested)"
