@@ -5,7 +5,7 @@
 Gem-Miner searches E = 30 epochs (the MNIST-1D preset); IMP trains 30 epochs per round, prunes 20% of
 the survivors per round and rewinds to epoch 0.52 of the first round (2.6 of 150 epochs, the official
 ResNet-20 comparison's iteration 1000, scaled to the same fraction of training). Both tickets are then
-trained as their methods prescribe (Gem-Miner: fine-tuning at lr 0.01 from the initial weights; IMP: its
+trained as their methods prescribe (Gem-Miner: its preset's fine-tuning from the initial weights; IMP: its
 last round from the rewind point). epochs_to_ticket counts every training epoch before the ticket
 exists, wall-clock seconds the search alone. After the rewind IMP's rounds train the remaining schedule
 (E_total - E epochs, OpenLTH; `--round-length full`: a full round of E_total, the official Gem-Miner

@@ -4,8 +4,8 @@ IMP reaches every density of its path in one run: a trial tuned at 0.005 passes 
 the study is run with `--search-keep-densities 0.02`, each finished trial keeps its 0.02 ticket, and
 training that ticket (on the same validation split) scores the trial's recipe at 0.02 without
 running IMP's rounds again. With fewer trials than the TPE sampler's random start-up (10), the trials
-are independent random draws, so picking the best of them at 0.02 is the same random search a study
-at 0.02 would have run.
+are independent random draws, so picking the best of them at 0.02 is close to the random search a study
+at 0.02 would have run (only the pruner's decisions, made at the lower density, differ).
 
     OMP_NUM_THREADS=1 python benchmarks/tune_imp_stops.py tuning/imp-warmup-d0.005 --density 0.02
 
@@ -26,6 +26,13 @@ from gemminer.compare import _train_stop
 from gemminer.experiment import _density_name
 
 
+def _cell(text: str) -> str:
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path, help="the IMP tuning study's --out folder")
@@ -37,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.study} holds no finished tuning study (trials.csv, best.yaml)", file=sys.stderr)
         return 2
     rows = list(csv.DictReader(trials_csv.open()))
+    if not rows:
+        print(f"error: {trials_csv} holds no trial", file=sys.stderr)
+        return 2
     params = [key for key in rows[0] if "." in key]
     name = _density_name(args.density)
     out = args.study / f"stops-d{args.density:g}"
@@ -60,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(table)
     scored = [row for row in table if row["stop_value"] is not None]
+    if not scored:
+        print(f"error: no complete trial in {args.study}", file=sys.stderr)
+        return 2
     best = max(scored, key=lambda row: (row["stop_value"], -int(row["number"])))
     settings = yaml.safe_load(best_yaml.read_text())
     (settings.get("search") or {}).pop("keep_densities", None)  # how the trials were scored, not a setting
     for key in params:  # the best trial's values in place of the study's best
         section, field = key.split(".", 1)
-        settings.setdefault(section, {})[field] = float(best[key])
+        settings.setdefault(section, {})[field] = yaml.safe_load(best[key])  # a number or a choice, as typed
     (args.study / f"best-d{args.density:g}.yaml").write_text(
         f"# the best of {len(table)} trials scored at density {args.density:g} (trial {best['number']}, validation "
         f"accuracy {best['stop_value']:.4f})\n" + yaml.safe_dump(settings, sort_keys=False))
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| trial | state | {heads} | val. acc. at the study's density | val. acc. at {args.density:g} |")
     print("|" + "---|" * (len(params) + 4))
     for row in table:
-        values = " | ".join(f"{float(row[key]):.3g}" for key in params)
+        values = " | ".join(_cell(row[key]) for key in params)
         at_study = f"{100 * float(row['value']):.1f}" if row["state"] == "complete" else "-"
         at_stop = f"{100 * row['stop_value']:.1f}" if row["stop_value"] is not None else "-"
         print(f"| {row['number']} | {row['state']} | {values} | {at_study} | {at_stop} |")

@@ -24,10 +24,13 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def _value(text: str | None) -> str:
+    """A CSV cell as printed: numbers to 3 digits, anything else (a categorical choice) as it is."""
     if text in (None, ""):
         return "-"
-    number = float(text)
-    return f"{number:.3g}"
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return str(text)
 
 
 def study_rows(folder: Path) -> list[dict[str, str]]:
@@ -43,6 +46,8 @@ def study_rows(folder: Path) -> list[dict[str, str]]:
         table = _rows(path)
         finished = [row for row in table if row["state"] in ("complete", "pruned")]
         complete = [row for row in table if row["state"] == "complete" and row[column] not in ("", None)]
+        if not complete:
+            raise SystemExit(f"error: {path} holds no complete trial")
         best = max(complete, key=lambda row: (float(row[column]), -int(row["number"])))
         pruned = len([row for row in finished if row["state"] == "pruned"])
         out.append({"study": folder.name, "method": f"{label} ({record['method']})", "density": f"{density:g}",
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("studies", nargs="+", type=Path)
     parser.add_argument("--trials", action="store_true", help="also print every trial of every study")
     args = parser.parse_args(argv)
+    args.studies = list(dict.fromkeys(args.studies))  # a folder named twice (a glob and a name) is one study
     missing = [str(folder) for folder in args.studies if not (folder / "trials.csv").is_file()]
     if missing:
         print(f"error: no finished tuning study in {', '.join(missing)}", file=sys.stderr)

@@ -385,15 +385,17 @@ def paired_verdict(differences: list[float], reference: str) -> str:
     return "level with " + reference
 
 
-def provenance(command: str | None, machine: str, seconds: float, tasks: int) -> str:
-    """The line under a grid's tables: command, version and commit, date, machine, wall clock."""
+def provenance(command: str | None, machine: str, seconds: float, cells: int, reused: int) -> str:
+    """The line under a grid's tables: command, version and commit, date, machine, wall clock, and how
+    many cells an earlier call had finished (their seconds are not in this call's wall clock)."""
     from gemminer import __version__
 
     commit = code_commit()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f"Made by `{command or 'gemminer.compare.compare(...)'}`: gemminer {__version__}"
             f"{f' at commit {commit}' if commit else ''}, {when}, on {machine}. This call took "
-            f"{seconds / 60:.1f} min of wall clock for the grid's {tasks} tasks (finished ones are reused).")
+            f"{seconds / 60:.1f} min of wall clock; {reused} of the grid's {cells} cells were finished before it "
+            "and reused.")
 
 
 def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None = None, force: bool = False,
@@ -415,11 +417,13 @@ def compare(grid: Grid, out: str | Path, jobs: int = 1, ray_address: str | None 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise GemminerError(f"cannot create output folder {out}: {err.strerror}") from err
+    cell_tasks = [task for task in tasks if task.kind in ("mine", "stop")]
+    reused = 0 if force else sum(RunFolder(task.key).finished for task in cell_tasks)
     failed = execute(tasks, jobs, ray_address, force, progress and jobs == 1 and ray_address is None, report)
     rows = [row for cell in cells if str(cell.folder) not in failed and (row := cell_row(cell)) is not None]
     write_csv(rows, out / "results.csv")
     text = results_markdown(rows, grid)
-    text += "\n\n" + provenance(command, machine, time.time() - started, len(tasks))
+    text += "\n\n" + provenance(command, machine, time.time() - started, len(cell_tasks), reused)
     write_atomic(out / "results.md", text + "\n")
     from gemminer.plots import plot_grid
 

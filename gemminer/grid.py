@@ -116,13 +116,14 @@ class Grid:
     def training(self, variant: Variant) -> dict[str, Any]:
         """Fine-tuning settings forced on a variant: Gem-Miner's epochs for every method (all tickets
         train equally long); with `same_training`, the whole recipe of the base config's dense training
-        (with those epochs). The dense recipe is the one recipe chosen on a validation split independently
-        of every pruning method; Gem-Miner's own (the paper's CIFAR lr 0.01) would favour one method."""
+        (with those epochs): a recipe made for no pruning method (on MNIST-1D chosen on a validation split,
+        elsewhere the published one), where Gem-Miner's own would favour one method."""
         reference = resolve(merge(merge(self.base, {"method": "gemminer"}),
                                   {"search": self._gemminer_search()}))
         forced: dict[str, Any] = {"epochs": reference.finetune.epochs}
         if self.same_training:  # for IMP this recipe trains its rounds too: one recipe for every training
-            dense = resolve(merge(self.base, {"method": "dense"}))
+            # the base's search settings belong to the base's method, which dense training does not have
+            dense = resolve(merge({k: v for k, v in self.base.items() if k != "search"}, {"method": "dense"}))
             forced = {**to_dict(dense.finetune), "epochs": reference.finetune.epochs}
         variant_epochs = _mapping(variant.overrides.get("finetune"), f"variant {variant.name}: finetune").get("epochs")
         if variant.method == "imp":  # its ticket trains as its last round: as long as each round

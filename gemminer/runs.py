@@ -434,12 +434,13 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    parts = [f"{cpu}, {os.cpu_count()} cores"]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [f"{cpu}, {usable} usable cores"]
     if hasattr(os, "getloadavg"):
         parts.append(f"load average {os.getloadavg()[0]:.1f}")
     parts.append(f"torch {torch.__version__}, Python {platform.python_version()}")
     if torch.cuda.is_available():
-        parts.append(torch.cuda.get_device_name(0))
+        parts.append(torch.cuda.get_device_name())  # the process's current device
     return "; ".join(parts)
 
 

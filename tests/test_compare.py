@@ -59,8 +59,10 @@ def test_tiny_grid_end_to_end(tmp_path, data_dir):
     assert "| gemminer | 0.2 | shuffle |" in text and "| snip | 0.1 | 1 |" in text  # sanity and paired tables
     assert (out / "results.md").read_text().strip() == text.strip()
     made = text.strip().splitlines()[-1]  # where the tables came from: code, date, machine, wall clock
-    assert made.startswith("Made by `gemminer.compare.compare(...)`: gemminer ") and " cores" in made
-    assert "min of wall clock for the grid's 7 tasks" in made  # 5 cells and 2 shuffle checks
+    assert made.startswith("Made by `gemminer.compare.compare(...)`: gemminer ") and " usable cores" in made
+    assert "min of wall clock; 0 of the grid's 5 cells were finished before it" in made
+    again = compare(grid, out, progress=False, report=None)  # a second call reuses every cell
+    assert "5 of the grid's 5 cells were finished before it and reused" in again.strip().splitlines()[-1]
     for name in ("accuracy_after.png", "accuracy_before.png", "sanity_drops.png", "layer_density.png"):
         assert (out / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -147,6 +149,8 @@ def test_same_training_forces_one_recipe(tmp_path, data_dir):
     assert dense.lr != resolve(merge(grid.base, {"method": "gemminer"})).finetune.lr  # not Gem-Miner's own recipe
     grid.same_training = False
     assert grid.cell_overrides(grid.variants[1], 0.1, 0)["finetune"].get("lr") is None  # snip's own recipe
+    grid.same_training, grid.base = True, {**grid.base, "search": {"epochs": 2}}  # the base method's search
+    assert grid.cell_overrides(grid.variants[1], 0.1, 0)["finetune"]["lr"] == dense.lr
 
 
 def test_bad_grids_are_one_line(tmp_path, data_dir):

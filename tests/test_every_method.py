@@ -42,9 +42,11 @@ def test_defaults_are_the_published_init_and_recipe(name):
     at_init_search = name in ("gemminer", "edge-popup")
     assert config.model.weight_init == ("signed_constant" if at_init_search else "kaiming_normal")
     dense_lr = {**RECIPES["dense"], **PRESETS["mnist1d"].get("finetune:dense", {})}["lr"]
-    assert config.finetune.lr == (0.01 if name == "gemminer" else 0.1 if name == "edge-popup" else dense_lr)
+    gemminer_lr = PRESETS["mnist1d"]["finetune:gemminer"]["lr"]  # tuned on MNIST-1D's validation split
+    assert config.finetune.lr == (gemminer_lr if name == "gemminer" else 0.1 if name == "edge-popup" else dense_lr)
     paper = resolve({"method": name, "preset": "paper"})
     assert paper.finetune.lr == (0.01 if name == "gemminer" else 0.1)
+    assert resolve({"method": name, "data": {"name": "cifar10"}}).finetune.lr == paper.finetune.lr
     # edge-popup's official CIFAR config: lr 0.1, cosine, weight decay 5e-4, batch 256 (under the paper's
     # settings and on a data set without a preset; MNIST-1D keeps its own batch)
     cifar = resolve({"method": name, "data": {"name": "cifar10"}})
