@@ -21,16 +21,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from tuned_recipes import number_text, read_rows, tuned_keys
 
 from gemminer.compare import _train_stop
 from gemminer.experiment import _density_name
-
-
-def _cell(text: str) -> str:
-    try:
-        return f"{float(text):.3g}"
-    except ValueError:
-        return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if not trials_csv.is_file() or not best_yaml.is_file():
         print(f"error: {args.study} holds no finished tuning study (trials.csv, best.yaml)", file=sys.stderr)
         return 2
-    rows = list(csv.DictReader(trials_csv.open()))
+    rows = read_rows(trials_csv)
     if not rows:
         print(f"error: {trials_csv} holds no trial", file=sys.stderr)
         return 2
-    params = [key for key in rows[0] if "." in key]
+    params = tuned_keys(rows)
     name = _density_name(args.density)
     out = args.study / f"stops-d{args.density:g}"
     table = []
@@ -86,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| trial | state | {heads} | val. acc. at the study's density | val. acc. at {args.density:g} |")
     print("|" + "---|" * (len(params) + 4))
     for row in table:
-        values = " | ".join(_cell(row[key]) for key in params)
+        values = " | ".join(number_text(row[key]) for key in params)
         at_study = f"{100 * float(row['value']):.1f}" if row["state"] == "complete" else "-"
         at_stop = f"{100 * row['stop_value']:.1f}" if row["stop_value"] is not None else "-"
         print(f"| {row['number']} | {row['state']} | {values} | {at_study} | {at_stop} |")

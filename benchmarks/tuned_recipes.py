@@ -18,12 +18,17 @@ from pathlib import Path
 import yaml
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def _value(text: str | None) -> str:
+def tuned_keys(rows: list[dict[str, str]]) -> list[str]:
+    """The tuned parameters of a trials.csv: its dotted columns (search.lr, finetune.lr, ...)."""
+    return [key for key in rows[0] if "." in key]
+
+
+def number_text(text: str | None) -> str:
     """A CSV cell as printed: numbers to 3 digits, anything else (a categorical choice) as it is."""
     if text in (None, ""):
         return "-"
@@ -36,14 +41,14 @@ def _value(text: str | None) -> str:
 def study_rows(folder: Path) -> list[dict[str, str]]:
     """The study's best trial (and each higher density scored on IMP's path), as table rows."""
     record = yaml.safe_load((folder / "tune.yaml").read_text())
-    trials = _rows(folder / "trials.csv")
-    params = [key for key in trials[0] if "." in key]
+    trials = read_rows(folder / "trials.csv")
+    params = tuned_keys(trials)
     label = folder.name.rsplit("-d", 1)[0]  # the study folder names the variant: imp-warmup-d0.005
     scored = [(folder / "trials.csv", "value", float(record["density"]))]
     scored += [(path, "stop_value", float(path.stem.split("-d", 1)[1])) for path in sorted(folder.glob("stops-d*.csv"))]
     out = []
     for path, column, density in scored:
-        table = _rows(path)
+        table = read_rows(path)
         finished = [row for row in table if row["state"] in ("complete", "pruned")]
         complete = [row for row in table if row["state"] == "complete" and row[column] not in ("", None)]
         if not complete:
@@ -53,7 +58,7 @@ def study_rows(folder: Path) -> list[dict[str, str]]:
         out.append({"study": folder.name, "method": f"{label} ({record['method']})", "density": f"{density:g}",
                     "finished": f"{len(finished)} ({pruned} pruned)",
                     "best": f"{100 * float(best[column]):.1f}", "trial": best["number"],
-                    "values": ", ".join(f"{key} {_value(best[key])}" for key in params)})
+                    "values": ", ".join(f"{key} {number_text(best[key])}" for key in params)})
     return out
 
 
@@ -75,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['values']} |")
     if args.trials:
         for folder in args.studies:
-            trials = _rows(folder / "trials.csv")
-            params = [key for key in trials[0] if "." in key]
+            trials = read_rows(folder / "trials.csv")
+            params = tuned_keys(trials)
             print(f"\n{folder.name}:\n\n| trial | state | {' | '.join(params)} | val. acc. (%) | seconds |")
             print("|" + "---|" * (len(params) + 4))
             for row in trials:
                 value = f"{100 * float(row['value']):.1f}" if row["value"] else "-"
-                print(f"| {row['number']} | {row['state']} | {' | '.join(_value(row[key]) for key in params)} | "
-                      f"{value} | {_value(row['seconds'])} |")
+                print(f"| {row['number']} | {row['state']} | {' | '.join(number_text(row[key]) for key in params)} | "
+                      f"{value} | {number_text(row['seconds'])} |")
     return 0
 
 

@@ -107,16 +107,6 @@ def _pre_method(argv: list[str]) -> str:
     return "gemminer"
 
 
-def version_line() -> str:
-    """``gemminer VERSION (commit COMMIT)``: the package version and the checkout's commit (``git describe
-    --always --dirty``; left out outside a git checkout)."""
-    from gemminer import __version__
-    from gemminer.runs import code_commit
-
-    commit = code_commit()
-    return f"gemminer {__version__}" + (f" (commit {commit})" if commit else "")
-
-
 class _Version(argparse.Action):
     """``--version``: print `version_line` and exit 0 (git runs only when asked)."""
 
@@ -124,6 +114,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from gemminer.runs import version_line
+
         print(version_line())
         parser.exit()
 

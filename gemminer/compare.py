@@ -30,7 +30,7 @@ from gemminer.checkpoint import StopFlag, StopRequested
 from gemminer.config import load_run_config, resolve, result_config, to_dict
 from gemminer.errors import GemminerError, reading
 from gemminer.grid import Grid, Variant
-from gemminer.runs import RunFolder, code_commit, machine_description, output_folder, read_json, write_atomic
+from gemminer.runs import RunFolder, machine_description, output_folder, read_json, version_line, write_atomic
 from gemminer.sanity import CHECKS
 
 COLUMNS = ["variant", "method", "density", "density_actual", "seed", "acc_before_finetune",
@@ -388,12 +388,9 @@ def paired_verdict(differences: list[float], reference: str) -> str:
 def provenance(command: str | None, machine: str, seconds: float, cells: int, reused: int) -> str:
     """The line under a grid's tables: command, version and commit, date, machine, wall clock, and how
     many cells an earlier call had finished (their seconds are not in this call's wall clock)."""
-    from gemminer import __version__
-
-    commit = code_commit()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return (f"Made by `{command or 'gemminer.compare.compare(...)'}`: gemminer {__version__}"
-            f"{f' at commit {commit}' if commit else ''}, {when}, on {machine}. This call took "
+    return (f"Made by `{command or 'gemminer.compare.compare(...)'}`: {version_line()}, {when}, on {machine}. "
+            "This call took "
             f"{seconds / 60:.1f} min of wall clock; {reused} of the grid's {cells} cells were finished before it "
             "and reused.")
 

@@ -419,6 +419,15 @@ def code_commit() -> str:
         return ""
 
 
+def version_line() -> str:
+    """``gemminer VERSION (commit COMMIT)``: the package version and the checkout's commit (``git describe
+    --always --dirty``; left out outside a git checkout)."""
+    from gemminer import __version__
+
+    commit = code_commit()
+    return f"gemminer {__version__}" + (f" (commit {commit})" if commit else "")
+
+
 def machine_description() -> str:
     """The hardware and software a result came from, in one line: CPU model and cores, the load average
     when asked (a shared machine slows wall clocks), torch, and the CUDA device where there is one."""

@@ -148,19 +148,24 @@ def _tune_command(out, data_dir, trials, epochs):
             "--finetune-epochs", str(epochs), "--bn-recalibration-batches", "3", "--trials", str(trials)]
 
 
+def _wait_for_the_second_trial(process, out):
+    """Until the second trial of a `tune` process has written an epoch (so the first one has finished)."""
+    deadline = time.monotonic() + 120
+    second = out / "trials" / "0001" / "metrics.jsonl"
+    while not (second.is_file() and second.stat().st_size > 0):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the second trial did not start"
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_trial_then_rerun_keeps_finished_trials_and_fails_the_stale_one(tmp_path, data_dir):
     out = tmp_path / "study"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(_tune_command(out, data_dir, 3, 12), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        second = out / "trials" / "0001" / "metrics.jsonl"
-        while not ((out / "trials" / "0000" / "summary.json").is_file() and second.is_file()
-                   and second.stat().st_size > 0):
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the second trial did not start"
-            time.sleep(0.05)
+        _wait_for_the_second_trial(process, out)
+        assert (out / "trials" / "0000" / "summary.json").is_file()
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
@@ -189,11 +194,7 @@ def test_sigint_mid_trial_queues_it_again_and_writes_the_history(tmp_path, data_
     process = subprocess.Popen(_tune_command(out, data_dir, 3, 12), env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        second = out / "trials" / "0001" / "metrics.jsonl"
-        while not (second.is_file() and second.stat().st_size > 0):
-            assert process.poll() is None and time.monotonic() < deadline, "the second trial did not start"
-            time.sleep(0.05)
+        _wait_for_the_second_trial(process, out)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
     finally:
