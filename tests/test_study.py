@@ -74,3 +74,21 @@ def test_a_shrunken_headline_study_runs_end_to_end(tmp_path, data_dir):
     assert (float(imp["0.02"]["epochs_to_ticket_full"]), float(imp["0.01"]["epochs_to_ticket_full"])) == (18, 21)
     text = (out / "results.md").read_text()
     assert "Cost to ticket" in text and "| imp-warmup | 0.01 | 1 |" in text
+
+
+@pytest.mark.parametrize("study, folder", [(HEADLINE, "mnist1d"), (FULL, "mnist1d-full")])
+def test_the_committed_results_hold_every_cell_of_their_study_file(study, folder):
+    """results/<folder>/ was made by its study file: every variant, density and seed, with a provenance README."""
+    grid = load_grid(study)
+    expected = {(variant.name, density, seed) for variant in grid.variants
+                for density in (variant.densities or grid.densities) for seed in grid.seeds}
+    expected |= {("dense", 1.0, seed) for seed in grid.seeds} if grid.dense else set()
+    results = ROOT / "results" / folder
+    with open(results / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(row["variant"], float(row["density"]), int(row["seed"])) for row in rows} == expected
+    for variant in grid.variants:  # every check the file asks for has a number in every cell
+        for check in variant.sanity:
+            assert all(row[f"sanity_{check}"] for row in rows if row["variant"] == variant.name)
+    readme = (results / "README.md").read_text()
+    assert f"--grid experiments/{study.name}" in readme and "Wall clock" in readme
