@@ -563,34 +563,62 @@ def _epochs(group: list[dict[str, Any]]) -> str:
     return text
 
 
-def _cost_lines(groups: dict[tuple[str, float], list[dict[str, Any]]], reference: str) -> list[str]:
-    """IMP's epochs to ticket over the reference's at the same density and seed, with each round after a
+def _references(grid: Grid | None, reference: str) -> dict[str, str]:
+    """Each variant's paired reference: the variant of the reference's method on the same model, so a width-16
+    variant is compared with width-16 Gem-Miner, not width 64's; `reference` itself without a grid or a match."""
+    if grid is None:
+        return {}
+    variants = {variant.name: variant for variant in grid.variants}
+    if reference not in variants:
+        return {}
+    method = variants[reference].method
+    chosen = {}
+    for variant in grid.variants:
+        same_model = [other.name for other in grid.variants
+                      if other.method == method and other.overrides.get("model") == variant.overrides.get("model")]
+        chosen[variant.name] = reference if reference in same_model or not same_model else same_model[0]
+    return chosen
+
+
+def _cost_lines(groups: dict[tuple[str, float], list[dict[str, Any]]], references: dict[str, str],
+                reference: str) -> list[str]:
+    """IMP's epochs to ticket over its reference's at the same density and seed, with each round after a
     rewind training the rest of the schedule (OpenLTH) and a full round (the official Gem-Miner code)."""
-    own = {(density, row["seed"]): row["epochs_to_ticket"] for (variant, density), group in groups.items()
-           if variant == reference for row in group if row.get("epochs_to_ticket")}
-    lines = []
+    own = {(variant, density, row["seed"]): row["epochs_to_ticket"] for (variant, density), group in groups.items()
+           for row in group if row.get("epochs_to_ticket")}
+    lines, used = [], set()
     for (variant, density), group in groups.items():
-        pairs = [(row, own[(density, row["seed"])]) for row in group if (density, row["seed"]) in own
+        other = references.get(variant, reference)
+        pairs = [(row, own[(other, density, row["seed"])]) for row in group if (other, density, row["seed"]) in own
                  and all(row.get(f"epochs_to_ticket_{length}") not in (None, "") for length in ("remaining", "full"))]
-        if variant == reference or not pairs:
+        if variant == other or not pairs:
             continue
+        used.add(other)
         cells = [_mean_std([row[f"epochs_to_ticket_{length}"] for row, _ in pairs], digits=1)
                  for length in ("remaining", "full")]
         cells += [_mean_std([row[f"epochs_to_ticket_{length}"] / epochs for row, epochs in pairs], digits=1) + "x"
                   for length in ("remaining", "full")]
-        lines.append(f"| {variant} | {density:g} | {len(pairs)} | {' | '.join(cells)} |")
+        lines.append(f"| {variant} | {density:g} | {len(pairs)} | {' | '.join(cells)} |"
+                     + (f" {other} |" if len(set(references.values()) | {reference}) > 1 else ""))
     if not lines:
         return []
-    return ["", f"Cost to ticket: training epochs before the ticket exists, over {reference}'s at the same density "
-            "and seed; after a rewind to epoch E each round trains the remaining schedule (E_total - E epochs, "
+    several = len(set(references.values()) | {reference}) > 1
+    name = "its reference" if several else reference
+    header = (f"| variant | density | pairs | epochs, remaining rounds | epochs, full rounds | x {name}, remaining "
+              f"| x {name}, full |" + (" reference |" if several else ""))
+    return ["", f"Cost to ticket: training epochs before the ticket exists, over {name}'s at the same density "
+            "and seed" + (f" ({reference}, or the {reference} variant on the same model)" if several else "")
+            + "; after a rewind to epoch E each round trains the remaining schedule (E_total - E epochs, "
             "OpenLTH) or a full round (E_total epochs, the official Gem-Miner code).", "",
-            f"| variant | density | pairs | epochs, remaining rounds | epochs, full rounds | x {reference}, remaining "
-            f"| x {reference}, full |", "|---|---|---|---|---|---|---|", *lines]
+            header, "|---|---|---|---|---|---|---|" + ("---|" if several else ""), *lines]
 
 
 def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, reference: str = "gemminer") -> str:
-    """Mean ± std over seeds per variant and density; sanity drops; paired differences to `reference`."""
+    """Mean ± std over seeds per variant and density; sanity drops; paired differences to `reference` (for a
+    variant on another model, to the variant of `reference`'s method on that model)."""
     groups = _groups(rows)
+    references = _references(grid, reference)
+    several = len(set(references.values()) | {reference}) > 1
     lines = ["| variant | method | density | seeds | acc. before training (%) | acc. after training (%) "
              "| epochs to ticket | search s | training s |", "|---|---|---|---|---|---|---|---|---|"]
     for (variant, density), group in groups.items():
@@ -604,7 +632,7 @@ def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, refer
             f"| {_epochs(group)} "
             f"| {_mean_std([row['search_seconds'] for row in group])} "
             f"| {_mean_std([row['finetune_seconds'] for row in group])} |")
-    lines += _cost_lines(groups, reference)
+    lines += _cost_lines(groups, references, reference)
     sanity_lines = []
     for (variant, density), group in groups.items():
         for check in CHECKS:
@@ -619,21 +647,24 @@ def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, refer
                   "(points; a real ticket drops, a ratio-only ticket does not).", "",
                   "| variant | density | check | acc. after training (%) | drop (points) |", "|---|---|---|---|---|",
                   *sanity_lines]
-    reference_rows = {(float(row["density"]), row["seed"]): row for row in rows if row["variant"] == reference}
+    accuracy = {(row["variant"], float(row["density"]), row["seed"]): row["acc_after_finetune"] for row in rows}
     paired = []
     for (variant, density), group in groups.items():
-        if variant == reference or variant == "dense":
+        other = references.get(variant, reference)
+        if variant == other or variant == "dense":
             continue
-        differences = [row["acc_after_finetune"] - reference_rows[(density, row["seed"])]["acc_after_finetune"]
-                       for row in group if (density, row["seed"]) in reference_rows]
+        differences = [row["acc_after_finetune"] - accuracy[(other, density, row["seed"])]
+                       for row in group if (other, density, row["seed"]) in accuracy]
         if differences:
-            verdict = paired_verdict(differences, reference)
+            verdict = paired_verdict(differences, other)
             paired.append(f"| {variant} | {density:g} | {len(differences)} | {_mean_std(differences, 100)} "
                           f"| {verdict} |")
     if paired:
-        lines += ["", f"Paired by seed: accuracy after training minus {reference}'s (points, mean ± std of the "
-                  "per-seed differences; 'beats' or 'below' where a two-sided paired t-test at 5% says so, "
-                  "'level' where the seeds cannot tell).", "", f"| variant | density | pairs | minus {reference} | |",
-                  "|---|---|---|---|---|", *paired]
+        name = "its reference" if several else reference
+        lines += ["", f"Paired by seed: accuracy after training minus {name}'s"
+                  + (f" ({reference}, or the {reference} variant on the same model)" if several else "")
+                  + " (points, mean ± std of the per-seed differences; 'beats' or 'below' where a two-sided paired "
+                  "t-test at 5% says so, 'level' where the seeds cannot tell).", "",
+                  f"| variant | density | pairs | minus {name} | |", "|---|---|---|---|---|", *paired]
     return "\n".join(lines)
 

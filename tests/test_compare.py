@@ -274,3 +274,26 @@ def test_paired_verdict_needs_the_seeds_to_agree():
     assert paired_verdict([0.02, 0.03, 0.04], "g") == "beats g"  # mean / std = 3.0
     assert paired_verdict([0.005, 0.005, 0.005], "g") == "beats g"  # no spread at all
     assert paired_verdict([0.01], "g") == "ahead of g (one seed: untested)"
+
+
+def test_a_variant_on_another_model_is_paired_with_gemminer_on_that_model(tmp_path):
+    """imp-w16 is compared with gemminer-w16, and imp (width 64) with gemminer, in both paired tables."""
+    from gemminer.compare import results_markdown
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"densities": [0.1], "seeds": [0, 1, 2], "variants": {
+        "gemminer": {"method": "gemminer"}, "imp": {"method": "imp"},
+        "gemminer-w16": {"method": "gemminer", "model": {"width": 16}},
+        "imp-w16": {"method": "imp", "model": {"width": 16}}}}))
+    accuracy = {"gemminer": 0.90, "imp": 0.95, "gemminer-w16": 0.50, "imp-w16": 0.60}
+    rows = [{"variant": name, "method": name.split("-")[0], "density": 0.1, "seed": seed,
+             "acc_before_finetune": 0.1, "acc_after_finetune": acc + 0.001 * seed,
+             "epochs_to_ticket": 30 if name.startswith("gemminer") else 300, "search_seconds": 1.0,
+             "finetune_seconds": 1.0, **({} if name.startswith("gemminer") else
+                                        {"epochs_to_ticket_remaining": 290, "epochs_to_ticket_full": 300})}
+            for name, acc in accuracy.items() for seed in range(3)]
+    text = results_markdown(rows, load_grid(path))
+    assert "| imp | 0.1 | 3 | 5.0 ± 0.0 | beats gemminer |" in text
+    assert "| imp-w16 | 0.1 | 3 | 10.0 ± 0.0 | beats gemminer-w16 |" in text
+    assert "| gemminer-w16 | 0.1 |" not in text.split("Paired by seed")[1]  # a reference is not paired
+    assert "| imp-w16 | 0.1 | 3 | 290.0 ± 0.0 | 300.0 ± 0.0 | 9.7 ± 0.0x | 10.0 ± 0.0x | gemminer-w16 |" in text
