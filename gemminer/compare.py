@@ -580,37 +580,42 @@ def _references(grid: Grid | None, reference: str) -> dict[str, str]:
     return chosen
 
 
+def _reference_words(references: dict[str, str], reference: str) -> tuple[str, str]:
+    """How the tables name the reference: `reference`, or "its reference" with a note where variants on
+    another model have their own (the note is empty when there is one reference)."""
+    if set(references.values()) <= {reference}:
+        return reference, ""
+    return "its reference", f" ({reference}, or the {reference} variant on the same model)"
+
+
 def _cost_lines(groups: dict[tuple[str, float], list[dict[str, Any]]], references: dict[str, str],
                 reference: str) -> list[str]:
     """IMP's epochs to ticket over its reference's at the same density and seed, with each round after a
     rewind training the rest of the schedule (OpenLTH) and a full round (the official Gem-Miner code)."""
+    name, note = _reference_words(references, reference)
     own = {(variant, density, row["seed"]): row["epochs_to_ticket"] for (variant, density), group in groups.items()
            for row in group if row.get("epochs_to_ticket")}
-    lines, used = [], set()
+    lines = []
     for (variant, density), group in groups.items():
         other = references.get(variant, reference)
         pairs = [(row, own[(other, density, row["seed"])]) for row in group if (other, density, row["seed"]) in own
                  and all(row.get(f"epochs_to_ticket_{length}") not in (None, "") for length in ("remaining", "full"))]
         if variant == other or not pairs:
             continue
-        used.add(other)
         cells = [_mean_std([row[f"epochs_to_ticket_{length}"] for row, _ in pairs], digits=1)
                  for length in ("remaining", "full")]
         cells += [_mean_std([row[f"epochs_to_ticket_{length}"] / epochs for row, epochs in pairs], digits=1) + "x"
                   for length in ("remaining", "full")]
-        lines.append(f"| {variant} | {density:g} | {len(pairs)} | {' | '.join(cells)} |"
-                     + (f" {other} |" if len(set(references.values()) | {reference}) > 1 else ""))
+        named = f" {other} |" if note else ""  # the reference column, where there are several
+        lines.append(f"| {variant} | {density:g} | {len(pairs)} | {' | '.join(cells)} |{named}")
     if not lines:
         return []
-    several = len(set(references.values()) | {reference}) > 1
-    name = "its reference" if several else reference
-    header = (f"| variant | density | pairs | epochs, remaining rounds | epochs, full rounds | x {name}, remaining "
-              f"| x {name}, full |" + (" reference |" if several else ""))
     return ["", f"Cost to ticket: training epochs before the ticket exists, over {name}'s at the same density "
-            "and seed" + (f" ({reference}, or the {reference} variant on the same model)" if several else "")
-            + "; after a rewind to epoch E each round trains the remaining schedule (E_total - E epochs, "
-            "OpenLTH) or a full round (E_total epochs, the official Gem-Miner code).", "",
-            header, "|---|---|---|---|---|---|---|" + ("---|" if several else ""), *lines]
+            f"and seed{note}; after a rewind to epoch E each round trains the remaining schedule (E_total - E "
+            "epochs, OpenLTH) or a full round (E_total epochs, the official Gem-Miner code).", "",
+            f"| variant | density | pairs | epochs, remaining rounds | epochs, full rounds | x {name}, remaining "
+            f"| x {name}, full |" + (" reference |" if note else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if note else ""), *lines]
 
 
 def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, reference: str = "gemminer") -> str:
@@ -618,7 +623,6 @@ def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, refer
     variant on another model, to the variant of `reference`'s method on that model)."""
     groups = _groups(rows)
     references = _references(grid, reference)
-    several = len(set(references.values()) | {reference}) > 1
     lines = ["| variant | method | density | seeds | acc. before training (%) | acc. after training (%) "
              "| epochs to ticket | search s | training s |", "|---|---|---|---|---|---|---|---|---|"]
     for (variant, density), group in groups.items():
@@ -660,11 +664,10 @@ def results_markdown(rows: list[dict[str, Any]], grid: Grid | None = None, refer
             paired.append(f"| {variant} | {density:g} | {len(differences)} | {_mean_std(differences, 100)} "
                           f"| {verdict} |")
     if paired:
-        name = "its reference" if several else reference
-        lines += ["", f"Paired by seed: accuracy after training minus {name}'s"
-                  + (f" ({reference}, or the {reference} variant on the same model)" if several else "")
-                  + " (points, mean ± std of the per-seed differences; 'beats' or 'below' where a two-sided paired "
-                  "t-test at 5% says so, 'level' where the seeds cannot tell).", "",
+        name, note = _reference_words(references, reference)
+        lines += ["", f"Paired by seed: accuracy after training minus {name}'s{note} (points, mean ± std of the "
+                  "per-seed differences; 'beats' or 'below' where a two-sided paired t-test at 5% says so, "
+                  "'level' where the seeds cannot tell).", "",
                   f"| variant | density | pairs | minus {name} | |", "|---|---|---|---|---|", *paired]
     return "\n".join(lines)
 
